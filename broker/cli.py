@@ -1,0 +1,43 @@
+"""`splitfed broker`: run the ZeroMQ broker of one run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from broker.broker import Broker
+from shared import exit_codes
+from shared.cli_options import build_settings, settings_options
+from shared.logs import configure_logging
+from shared.registry import Registry, RegistryError
+from shared.settings import BrokerSettings
+
+log = logging.getLogger("broker")
+
+
+@click.command("broker")
+@settings_options(BrokerSettings)
+def broker(**options: object) -> None:
+    """Route encrypted frames between silo agents and trunk workers."""
+    settings = build_settings(BrokerSettings, options)
+    configure_logging(settings.log_level, "broker")
+    registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
+    try:
+        registry.ping()
+        meta = registry.run_meta()
+    except RegistryError as exc:
+        log.error("%s", exc)
+        sys.exit(exit_codes.REDIS_UNAVAILABLE)
+    silos = [s for s in (settings.silos or meta.get("silos", "")).split(",") if s]
+    if not silos:
+        log.error("run %s has no silos: pass --silos or create the run's metadata in Redis first", settings.run_id)
+        sys.exit(exit_codes.CONFIG)
+    local_steps = int(meta["local_steps"]) if meta.get("local_steps") else None
+    try:
+        code = Broker(settings, registry, silos, local_steps).run()
+    except NotImplementedError as exc:
+        log.error("%s", exc)
+        sys.exit(exit_codes.CONFIG)
+    sys.exit(code)

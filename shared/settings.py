@@ -1,0 +1,96 @@
+"""Settings of every role: pydantic-settings classes read from ``SPLITFED_*`` environment variables.
+
+The CLI options of each role are generated from these same fields (``shared.cli_options``), so
+``--lora-r 4`` and ``SPLITFED_LORA_R=4`` are one setting with one default and one validation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.wire import check_id
+
+Mode = Literal["serial", "client-batch", "hierarchical"]
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPLITFED_", extra="forbid", validate_default=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding run state and membership")
+    key_prefix: str = Field("splitfed", description="namespace of every Redis key this run writes")
+    run_id: str = Field("run", description="run identifier (1-16 chars A-Z a-z 0-9 _ . -)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log verbosity")
+    heartbeat_s: float = Field(1.0, gt=0, description="liveness heartbeat period (seconds)")
+    liveness_ttl_s: int = Field(5, ge=1, description="seconds after the last heartbeat a peer counts as dead")
+    max_tensor_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest tensor accepted from the wire")
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_fits_header(cls, v: str) -> str:
+        return check_id(v, "run id")
+
+
+class ModelSettings(CommonSettings):
+    """What is trained and how: must be identical on the silos and the trunk of one run."""
+
+    model: str = Field("smollm2", description="'smollm2', 'tiny' (a tiny Llama cached locally) or a model directory")
+    head_layers: int = Field(1, ge=1, description="decoder blocks kept on the silo after the embeddings")
+    tail_layers: int = Field(1, ge=1, description="decoder blocks kept on the silo before the final norm")
+    adapter: Literal["lora", "prefix", "full"] = Field("lora", description="what trains: LoRA, P-Tuning v2 prefixes, or full")
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
+    lora_init_b: Literal["zeros", "random"] = Field("zeros", description="LoRA B init (zeros = standard)")
+    prefix_len: int = Field(4, ge=1, description="prefix length for prefix tuning")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    seed: int = Field(0, ge=0, description="seed of adapter initialisation and data order")
+    wire_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of activations/gradients on the wire")
+
+    def adapter_config(self):
+        from shared.adapters import AdapterConfig  # imported here: settings stay cheap to import
+
+        return AdapterConfig(kind=self.adapter, lora_r=self.lora_r, lora_alpha=self.lora_alpha,
+                             lora_init_b=self.lora_init_b, prefix_len=self.prefix_len)
+
+
+class BrokerSettings(CommonSettings):
+    frontend_bind: str = Field("tcp://127.0.0.1:5555", description="address silos connect to")
+    backend_bind: str = Field("tcp://127.0.0.1:5556", description="address trunk workers connect to")
+    mode: Mode = Field("serial", description="training mode")
+    silos: str = Field("", description="comma-separated silo ids of the run (empty: read from Redis run metadata)")
+
+
+class TrunkSettings(ModelSettings):
+    broker_backend: str = Field("tcp://127.0.0.1:5556", description="broker address for trunk workers")
+    worker_id: str = Field("trunk0", description="this worker's id")
+    device: str = Field("cpu", description="torch device of the trunk ('cpu', 'cuda', 'cuda:1')")
+    max_pending: int = Field(64, ge=1, description="forward graphs kept while waiting for their backward")
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id_fits_header(cls, v: str) -> str:
+        return check_id(v, "worker id")
+
+
+class SiloSettings(ModelSettings):
+    broker_frontend: str = Field("tcp://127.0.0.1:5555", description="broker address for silos")
+    silo_id: str = Field("silo0", description="this silo's id")
+    silo_index: int = Field(0, ge=0, description="this silo's index (mixes into the data order)")
+    data: Path | None = Field(None, description="JSONL training data ({prompt, completion} or {text} per line)")
+    steps: int = Field(20, ge=1, description="training steps of this silo")
+    local_steps: int = Field(10, ge=1, description="steps per round (K)")
+    batch_size: int = Field(4, ge=1, description="examples per step")
+    max_length: int = Field(128, ge=8, description="tokens per example (prompt truncated from the left)")
+    step_timeout_s: float = Field(300.0, gt=0, description="give up on a trunk reply after this long")
+    report_loss: bool = Field(True, description="publish each step's loss to Redis for monitoring")
+    results: Path | None = Field(None, description="write losses and final adapter metadata here (JSON)")
+    save_dir: Path | None = Field(None, description="write the final head/tail trainable tensors here (safetensors)")
+
+    @field_validator("silo_id")
+    @classmethod
+    def _silo_id_fits_header(cls, v: str) -> str:
+        return check_id(v, "silo id")

@@ -1,0 +1,173 @@
+"""The silo agent: owns the data, the head and tail parts, the labels, the loss and its optimizer.
+
+One training step, top to bottom:
+
+    ids -> embed + head blocks -> h1 ==FORWARD==> trunk -> h2 ==FORWARD_RESULT==> tail -> loss
+    loss.backward() gives dL/dh2 ==BACKWARD==> trunk backward ==BACKWARD_RESULT==> dL/dh1
+    h1.backward(dL/dh1), optimizer step
+
+Only h1, the 2-D mask, positions and dL/dh2 leave the silo; token ids, labels and loss never do
+(the loss goes to Redis for monitoring only when ``report_loss`` is on).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import zmq
+from safetensors.torch import save_file
+
+from shared.adapters import adapter_state_dict, apply_adapter
+from shared.data import SiloDataset, load_jsonl
+from shared.loss import causal_lm_loss
+from shared.model_split import build_silo_parts, positions_from_mask
+from shared.optim import make_optimizer
+from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
+from shared.registry import Heartbeat, Registry
+from shared.settings import SiloSettings
+from shared.tokenizer import load_tokenizer
+from shared.wire import FrameError, Message, message_from_wire, message_to_wire
+
+log = logging.getLogger("silo")
+
+
+class PeerError(RuntimeError):
+    """The broker or trunk refused a step or stopped answering."""
+
+
+class SiloAgent:
+    def __init__(self, settings: SiloSettings, registry: Registry, model_dir: Path) -> None:
+        if settings.data is None:
+            raise ValueError("a silo needs training data: --data FILE.jsonl (or SPLITFED_DATA)")
+        self.settings = settings
+        self.registry = registry
+        self.wire_dtype = WIRE_DTYPE_BY_NAME[settings.wire_dtype]
+        tokenizer = load_tokenizer(model_dir)
+        self.dataset = SiloDataset(
+            load_jsonl(settings.data), tokenizer, settings.batch_size, settings.max_length, settings.seed, settings.silo_index
+        )
+        self.head, self.tail = build_silo_parts(model_dir, settings.head_layers, settings.tail_layers)
+        cfg = settings.adapter_config()
+        trainable = apply_adapter(self.head, cfg, settings.seed) + apply_adapter(self.tail, cfg, settings.seed)
+        self.optimizer = make_optimizer(trainable, settings.lr, settings.weight_decay)
+        self.history: list[dict] = []
+        self._stopping = False
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, settings.silo_id.encode())
+        self.sock.connect(settings.broker_frontend)
+
+    # ------------------------------------------------------------------ lifecycle
+    def run(self) -> int:
+        s = self.settings
+        self.registry.join("silo", s.silo_id, samples=len(self.dataset), steps=s.steps)
+        heartbeat = Heartbeat(self.registry, "silo", s.silo_id, s.heartbeat_s, s.liveness_ttl_s).start()
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stopping", True))
+        started = time.perf_counter()
+        try:
+            self._register()
+            for step in range(s.steps):
+                if self._stopping:
+                    log.info("stopping after step %d on SIGTERM", step - 1)
+                    break
+                self.train_step(step)
+            self._send(Message(Kind.DISCONNECT, s.run_id, s.silo_id))
+            self.registry.leave("silo", s.silo_id, status="finished")
+        finally:
+            heartbeat.stop()
+            self.sock.close()
+        self._write_results(time.perf_counter() - started)
+        return 0
+
+    def _register(self) -> None:
+        s = self.settings
+        self._send(Message(Kind.READY, s.run_id, s.silo_id))
+        self._await(Kind.READY, step=0)
+        log.info("silo %s registered with the broker (%d examples)", s.silo_id, self.dataset.num_examples)
+
+    # ------------------------------------------------------------------ one training step
+    def train_step(self, step: int) -> float:
+        s = self.settings
+        rnd = step // s.local_steps
+        batch = self.dataset.batch(step)
+        mask = batch.attention_mask
+        positions = positions_from_mask(mask)
+
+        h1 = self.head(batch.input_ids, mask, positions)
+        self._send(Message(Kind.FORWARD, s.run_id, s.silo_id, rnd, step, tensors=[
+            h1.detach().to(self.wire_dtype), mask.to(torch.uint8), positions.to(torch.int32)]))
+        reply = self._await(Kind.FORWARD_RESULT, step)
+
+        h2 = reply.tensors[0].to(h1.dtype).requires_grad_(True)
+        logits = self.tail(h2, mask, positions)
+        loss = causal_lm_loss(logits, batch.labels)
+        loss.backward()  # grads of the tail (and tied LM head) and dL/dh2
+
+        self._send(Message(Kind.BACKWARD, s.run_id, s.silo_id, rnd, step, tensors=[h2.grad.to(self.wire_dtype)]))
+        reply = self._await(Kind.BACKWARD_RESULT, step)
+
+        h1.backward(reply.tensors[0].to(h1.dtype))  # grads of the head
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+        value = float(loss.detach())
+        self.history.append({"round": rnd, "step": step, "loss": value, "trunk_seq": reply.seq})
+        if s.report_loss:
+            self.registry.update("silo", s.silo_id, round=rnd, step=step, loss=f"{value:.6f}", updated_at=f"{time.time():.3f}")
+        log.info("round %d step %d loss %.4f", rnd, step, value)
+        return value
+
+    # ------------------------------------------------------------------ messaging
+    def _send(self, msg: Message) -> None:
+        self.sock.send_multipart(message_to_wire(msg), copy=False)
+
+    def _await(self, kind: Kind, step: int) -> Message:
+        """Wait for ``kind`` of ``step``; stale or malformed replies are dropped, ERROR raises."""
+        deadline = time.monotonic() + self.settings.step_timeout_s
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                raise PeerError(f"no {kind.name} for step {step} within {self.settings.step_timeout_s:.0f}s "
+                                f"(is the broker at {self.settings.broker_frontend} up, with a trunk worker?)")
+            if not self.sock.poll(min(left_ms, 1000)):
+                continue
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                msg = message_from_wire([f.buffer for f in frames], self.settings.max_tensor_bytes)
+            except FrameError as exc:
+                self.registry.count_rejected(exc.reason)
+                log.warning("rejected frame from the broker: %s", exc)
+                continue
+            if msg.kind == Kind.ERROR:
+                raise PeerError(f"step {msg.step} refused: {msg.text}")
+            if msg.kind == kind and (kind == Kind.READY or msg.step == step):
+                return msg
+            log.warning("dropped unexpected %s for step %d while waiting for %s of step %d", msg.kind.name, msg.step, kind.name, step)
+
+    # ------------------------------------------------------------------ results
+    def _write_results(self, wall_s: float) -> None:
+        s = self.settings
+        if s.save_dir is not None:
+            s.save_dir.mkdir(parents=True, exist_ok=True)
+            tensors = {**adapter_state_dict(self.head), **adapter_state_dict(self.tail)}
+            tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+            _atomic(s.save_dir / f"{s.silo_id}.safetensors", lambda p: save_file(tensors, str(p)))
+        if s.results is not None:
+            doc = {"silo_id": s.silo_id, "silo_index": s.silo_index, "steps": self.history, "wall_s": wall_s}
+            _atomic(s.results, lambda p: p.write_text(json.dumps(doc, indent=1)))
+
+
+def _atomic(path: Path, write) -> None:
+    """Write to a temporary name and rename, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)

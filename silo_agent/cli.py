@@ -1,0 +1,44 @@
+"""`splitfed silo`: run one silo agent of a run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from shared import exit_codes
+from shared.cli_options import build_settings, settings_options
+from shared.logs import configure_logging
+from shared.models import resolve_model_dir
+from shared.registry import Registry, RegistryError
+from shared.settings import SiloSettings
+from silo_agent.agent import PeerError, SiloAgent
+
+log = logging.getLogger("silo")
+
+
+@click.command("silo")
+@settings_options(SiloSettings)
+def silo(**options: object) -> None:
+    """Train on this silo's private data through the split pipeline."""
+    settings = build_settings(SiloSettings, options)
+    configure_logging(settings.log_level, f"silo[{settings.silo_id}]")
+    registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
+    try:
+        registry.ping()
+    except RegistryError as exc:
+        log.error("%s", exc)
+        sys.exit(exit_codes.REDIS_UNAVAILABLE)
+    try:
+        model_dir = resolve_model_dir(settings.model)
+        agent = SiloAgent(settings, registry, model_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        sys.exit(exit_codes.CONFIG)
+    try:
+        sys.exit(agent.run())
+    except PeerError as exc:
+        log.error("%s", exc)
+        registry.leave("silo", settings.silo_id, status="failed")
+        sys.exit(exit_codes.PEER)

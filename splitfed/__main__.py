@@ -1,0 +1,3 @@
+from splitfed.cli import main
+
+main()

@@ -1,0 +1,22 @@
+"""The `splitfed` command: wires the roles' own commands into one group (no logic of its own)."""
+
+from __future__ import annotations
+
+import click
+
+from broker.cli import broker
+from silo_agent.cli import silo
+from splitfed.demo.command import demo
+from trunk_worker.cli import trunk
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="splitfed")
+def main() -> None:
+    """Split federated fine-tuning of LLMs over private silos."""
+
+
+main.add_command(broker)
+main.add_command(trunk)
+main.add_command(silo)
+main.add_command(demo)

@@ -1,0 +1,121 @@
+"""Run one whole local federation: Redis, broker, trunk worker and N silos as OS processes."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.bbc import demo_examples, split_for_silos
+from shared.registry import Registry
+
+RUN_TTL_S = 24 * 3600  # the demo's Redis keys stay inspectable for a day, then expire
+
+
+@dataclass
+class DemoConfig:
+    mode: str = "serial"
+    silos: int = 2
+    steps: int = 20
+    local_steps: int = 10
+    model: str = "smollm2"
+    seed: int = 0
+    batch_size: int = 4
+    max_length: int = 128
+    adapter: str = "lora"
+    lr: float = 1e-3
+    wire_dtype: str = "fp32"
+    head_layers: int = 1
+    tail_layers: int = 1
+    step_timeout_s: float = 300.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    def model_env(self) -> dict[str, str]:
+        """Settings every role of the run must agree on, as SPLITFED_* variables."""
+        return {
+            "SPLITFED_MODEL": self.model, "SPLITFED_SEED": str(self.seed), "SPLITFED_ADAPTER": self.adapter,
+            "SPLITFED_LR": repr(self.lr), "SPLITFED_WIRE_DTYPE": self.wire_dtype,
+            "SPLITFED_HEAD_LAYERS": str(self.head_layers), "SPLITFED_TAIL_LAYERS": str(self.tail_layers),
+            **self.extra_env,
+        }
+
+    @property
+    def silo_ids(self) -> list[str]:
+        return [f"silo{i}" for i in range(self.silos)]
+
+
+def new_run_id() -> str:
+    return f"demo-{secrets.token_hex(4)}"
+
+
+def write_silo_data(run_dir: Path, cfg: DemoConfig) -> list[Path]:
+    """Split the shipped BBC demo set over the silos (IID), one JSONL file per silo."""
+    parts = split_for_silos(demo_examples(), cfg.silos, cfg.seed)
+    paths = []
+    for i, examples in enumerate(parts):
+        path = run_dir / "data" / f"silo{i}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+        paths.append(path)
+    return paths
+
+
+def launch(fed, cfg: DemoConfig, run_id: str, ports: tuple[int, int], data: list[Path], run_dir: Path) -> None:
+    front, back = (f"tcp://127.0.0.1:{p}" for p in ports)
+    fed.start("broker", ["broker", "--frontend-bind", front, "--backend-bind", back, "--mode", cfg.mode,
+                         "--silos", ",".join(cfg.silo_ids)])
+    fed.start("trunk", ["trunk", "--broker-backend", back, "--worker-id", "trunk0"])
+    for i, sid in enumerate(cfg.silo_ids):
+        fed.start(sid, ["silo", "--broker-frontend", front, "--silo-id", sid, "--silo-index", str(i),
+                        "--data", str(data[i]), "--steps", str(cfg.steps), "--local-steps", str(cfg.local_steps),
+                        "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length),
+                        "--step-timeout-s", str(cfg.step_timeout_s),
+                        "--results", str(run_dir / "results" / f"{sid}.json"),
+                        "--save-dir", str(run_dir / "weights")])
+
+
+class Progress:
+    """One status line from Redis every half second: rewritten in place on a terminal."""
+
+    def __init__(self, registry: Registry, cfg: DemoConfig) -> None:
+        self.registry, self.cfg = registry, cfg
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self._last_line = ""
+        self._last_print = 0.0
+
+    def update(self) -> None:
+        parts = []
+        for sid in self.cfg.silo_ids:
+            info = self.registry.info("silo", sid)
+            step = int(info["step"]) + 1 if "step" in info else 0
+            loss = f" loss {float(info['loss']):.3f}" if "loss" in info else ""
+            parts.append(f"{sid} {step}/{self.cfg.steps}{loss}")
+        rnd = self.registry.round_state().get("round", "0")
+        line = f"[{time.monotonic() - self.started:6.1f}s] round {rnd} | " + " | ".join(parts)
+        now = time.monotonic()
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(len(self._last_line)))
+            sys.stderr.flush()
+        elif line != self._last_line and now - self._last_print > 2.0:
+            print(line, file=sys.stderr, flush=True)
+            self._last_print = now
+        self._last_line = line
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def collect_losses(run_dir: Path, cfg: DemoConfig) -> list[dict]:
+    """All silos' steps in the order the trunk applied them (its update counter)."""
+    rows = []
+    for sid in cfg.silo_ids:
+        doc = json.loads((run_dir / "results" / f"{sid}.json").read_text())
+        for h in doc["steps"]:
+            rows.append({"silo": sid, "silo_index": doc["silo_index"], **h})
+    rows.sort(key=lambda r: r["trunk_seq"])
+    return rows

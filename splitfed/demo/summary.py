@@ -1,0 +1,23 @@
+"""The demo's closing table: per silo, how the loss moved; then the centralized comparison."""
+
+from __future__ import annotations
+
+import click
+
+
+def print_summary(result: dict, rows: list[dict]) -> None:
+    silos = sorted({r["silo"] for r in rows}, key=lambda s: int(s.removeprefix("silo")) if s[4:].isdigit() else s)
+    header = f"{'silo':<8}{'steps':>6}{'first loss':>12}{'last loss':>12}{'mean last 5':>13}"
+    lines = ["", header, "-" * len(header)]
+    for sid in silos:
+        losses = [r["loss"] for r in rows if r["silo"] == sid]
+        tail = losses[-5:]
+        lines.append(f"{sid:<8}{len(losses):>6}{losses[0]:>12.4f}{losses[-1]:>12.4f}{sum(tail) / len(tail):>13.4f}")
+    lines.append("-" * len(header))
+    lines.append(f"mode {result['mode']}, {len(rows)} trunk updates in {result['wall_s']:.1f}s "
+                 f"({len(rows) / max(result['wall_s'], 1e-9):.2f} steps/s)")
+    if "max_abs_loss_diff" in result:
+        diff = result["max_abs_loss_diff"]
+        verdict = "MATCH" if diff <= 1e-5 else "DIFFERS"
+        lines.append(f"centralized reference: max |loss diff| = {diff:.3e} over {len(rows)} steps -> {verdict} (tolerance 1e-5)")
+    click.echo("\n".join(lines))

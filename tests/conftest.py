@@ -1,0 +1,39 @@
+"""Shared fixtures: real Redis under a key prefix of the test's own, cleaned before and after."""
+
+from __future__ import annotations
+
+import os
+import secrets
+
+import pytest
+import redis
+
+REDIS_URL = os.environ.get("SPLITFED_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _wipe(client: redis.Redis, prefix: str) -> None:
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture
+def redis_prefix():
+    """A unique key prefix; every key under it is deleted before and after the test."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"tests need Redis at {REDIS_URL} (set SPLITFED_TEST_REDIS_URL): {exc}")
+    prefix = f"splitfed-test-{secrets.token_hex(4)}"
+    _wipe(client, prefix)
+    yield prefix
+    _wipe(client, prefix)
+    client.close()
+
+
+@pytest.fixture
+def registry(redis_prefix):
+    from shared.registry import Registry
+
+    return Registry(REDIS_URL, redis_prefix, "run1")

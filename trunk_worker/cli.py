@@ -1,0 +1,38 @@
+"""`splitfed trunk`: run one trunk worker."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from shared import exit_codes
+from shared.cli_options import build_settings, settings_options
+from shared.logs import configure_logging
+from shared.models import resolve_model_dir
+from shared.registry import Registry, RegistryError
+from shared.settings import TrunkSettings
+from trunk_worker.worker import TrunkWorker
+
+log = logging.getLogger("trunk")
+
+
+@click.command("trunk")
+@settings_options(TrunkSettings)
+def trunk(**options: object) -> None:
+    """Serve the model's middle blocks to the silos of one run."""
+    settings = build_settings(TrunkSettings, options)
+    configure_logging(settings.log_level, f"trunk[{settings.worker_id}]")
+    registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
+    try:
+        registry.ping()
+    except RegistryError as exc:
+        log.error("%s", exc)
+        sys.exit(exit_codes.REDIS_UNAVAILABLE)
+    try:
+        model_dir = resolve_model_dir(settings.model)
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        sys.exit(exit_codes.CONFIG)
+    sys.exit(TrunkWorker(settings, registry, model_dir).run())
