@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from shared.data import SiloDataset, load_jsonl
 from shared.loss import causal_lm_loss
 from shared.model_split import positions_from_mask
@@ -35,6 +37,7 @@ def centralized_serial(model_dir: Path, run, data_paths: list[Path]) -> list[dic
     """Train like a serial run configured by ``run`` (a DemoConfig-like object); return per-step losses."""
     settings = ModelSettings(model=str(model_dir), seed=run.seed, adapter=run.adapter, lr=run.lr,
                              head_layers=run.head_layers, tail_layers=run.tail_layers)
+    hf_logging.disable_progress_bar()  # the demo prints its own progress
     tokenizer = load_tokenizer(model_dir)
     datasets = [SiloDataset(load_jsonl(p), tokenizer, run.batch_size, run.max_length, settings.seed, i)
                 for i, p in enumerate(data_paths)]

@@ -11,6 +11,8 @@ silo (optional, ``report_loss``) and round transitions from the broker.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -73,10 +75,12 @@ class Registry:
 
     # ------------------------------------------------------------------ membership and liveness
     def join(self, role: str, member: str, **fields: Any) -> None:
+        """Record a member; its pid and host go along so an operator can find the process."""
         _check_role(role)
+        fields = {"status": "joined", "pid": os.getpid(), "host": socket.gethostname(), **fields}
         pipe = self.redis.pipeline()
         pipe.sadd(self.key("members", role), member)
-        pipe.hset(self.key(role, member), mapping={"status": "joined", **{k: str(v) for k, v in fields.items()}})
+        pipe.hset(self.key(role, member), mapping={k: str(v) for k, v in fields.items()})
         pipe.execute()
 
     def leave(self, role: str, member: str, status: str = "left") -> None:

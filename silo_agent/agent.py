@@ -32,7 +32,8 @@ from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.registry import Heartbeat, Registry
 from shared.settings import SiloSettings
 from shared.tokenizer import load_tokenizer
-from shared.wire import FrameError, Message, message_from_wire, message_to_wire
+from shared.codec import PlainCodec
+from shared.wire import FrameError, Message
 
 log = logging.getLogger("silo")
 
@@ -58,6 +59,7 @@ class SiloAgent:
         self.optimizer = make_optimizer(trainable, settings.lr, settings.weight_decay)
         self.history: list[dict] = []
         self._stopping = False
+        self.codec = PlainCodec(settings.max_tensor_bytes)  # the sealing layer replaces this
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -127,7 +129,7 @@ class SiloAgent:
 
     # ------------------------------------------------------------------ messaging
     def _send(self, msg: Message) -> None:
-        self.sock.send_multipart(message_to_wire(msg), copy=False)
+        self.sock.send_multipart(self.codec.encode(msg), copy=False)
 
     def _await(self, kind: Kind, step: int) -> Message:
         """Wait for ``kind`` of ``step``; stale or malformed replies are dropped, ERROR raises."""
@@ -141,7 +143,7 @@ class SiloAgent:
                 continue
             frames = self.sock.recv_multipart(copy=False)
             try:
-                msg = message_from_wire([f.buffer for f in frames], self.settings.max_tensor_bytes)
+                msg = self.codec.decode([f.buffer for f in frames])
             except FrameError as exc:
                 self.registry.count_rejected(exc.reason)
                 log.warning("rejected frame from the broker: %s", exc)

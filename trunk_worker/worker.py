@@ -20,7 +20,8 @@ from shared.optim import make_optimizer
 from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.registry import Heartbeat, Registry
 from shared.settings import TrunkSettings
-from shared.wire import FrameError, Message, message_from_wire, message_to_wire
+from shared.codec import PlainCodec
+from shared.wire import FrameError, Message
 
 log = logging.getLogger("trunk")
 
@@ -49,6 +50,7 @@ class TrunkWorker:
         self.pending: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.updates = 0
         self._stopping = False
+        self.codec = PlainCodec(settings.max_tensor_bytes)  # the sealing layer replaces this
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -79,7 +81,7 @@ class TrunkWorker:
 
     def handle(self, frames: list) -> None:
         try:
-            msg = message_from_wire(frames, self.settings.max_tensor_bytes)
+            msg = self.codec.decode(frames)
         except FrameError as exc:
             self.registry.count_rejected(exc.reason)
             log.warning("rejected frame: %s", exc)
@@ -138,4 +140,4 @@ class TrunkWorker:
             log.warning("dropped the graph of %s step %d: more than %d pending", old[0], old[1], self.settings.max_pending)
 
     def _send(self, msg: Message) -> None:
-        self.sock.send_multipart(message_to_wire(msg), copy=False)
+        self.sock.send_multipart(self.codec.encode(msg), copy=False)

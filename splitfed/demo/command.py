@@ -81,29 +81,32 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
     click.echo(f"run {run_id}: Redis {url}, logs in {run_dir / 'logs'}", err=True)
     fed = Federation(run_dir / "logs", {"SPLITFED_REDIS_URL": url, "SPLITFED_RUN_ID": run_id,
                                          "SPLITFED_KEY_PREFIX": key_prefix, **cfg.model_env()})
-    ok = False
+    status = "failed"
     try:
         data = write_silo_data(run_dir, cfg)
         launch(fed, cfg, run_id, tuple(_free_ports(2)), data, run_dir)
         _supervise(fed, cfg, registry)
-        ok = True
+        status = "finished"
     except KeyboardInterrupt:
+        status = "interrupted"
         click.echo("\ninterrupted: stopping every role", err=True)
-        registry.set_run_status("interrupted")
         sys.exit(130)
+    except RoleFailed:
+        click.echo(f"logs and data kept in {run_dir}", err=True)
+        raise
     finally:
         fed.stop()
-        registry.set_run_status("finished" if ok else "failed")
+        registry.set_run_status(status)
         registry.expire_run(RUN_TTL_S)
         if private_redis is not None:
             private_redis.stop()
     fed_wall = time.perf_counter() - started
 
-    rows = collect_losses(run_dir, cfg)
+    rows, train_s = collect_losses(run_dir, cfg)
     result = {"mode": cfg.mode, "silos": cfg.silos, "steps": cfg.steps, "local_steps": cfg.local_steps,
               "model": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed, "run_id": run_id,
               "losses": [r["loss"] for r in rows], "schedule": [[r["silo"], r["step"]] for r in rows],
-              "wall_s": round(fed_wall, 3)}
+              "wall_s": round(fed_wall, 3), "train_wall_s": round(train_s, 3)}
     if check_centralized:
         click.echo("centralized reference: same parts, data order and optimizer in one process...", err=True)
         t0 = time.perf_counter()

@@ -85,37 +85,43 @@ class Progress:
         self.started = time.monotonic()
         self.tty = sys.stderr.isatty()
         self._last_line = ""
+        self._last_state = ""
         self._last_print = 0.0
 
     def update(self) -> None:
         parts = []
         for sid in self.cfg.silo_ids:
             info = self.registry.info("silo", sid)
-            step = int(info["step"]) + 1 if "step" in info else 0
-            loss = f" loss {float(info['loss']):.3f}" if "loss" in info else ""
-            parts.append(f"{sid} {step}/{self.cfg.steps}{loss}")
+            if "step" not in info:  # still importing / loading its model: say so
+                parts.append(f"{sid} {'waiting for its turn' if info.get('status') == 'joined' else 'starting'}")
+                continue
+            parts.append(f"{sid} {int(info['step']) + 1}/{self.cfg.steps} loss {float(info['loss']):.3f}")
         rnd = self.registry.round_state().get("round", "0")
-        line = f"[{time.monotonic() - self.started:6.1f}s] round {rnd} | " + " | ".join(parts)
+        state = f"round {rnd} | " + " | ".join(parts)
+        line = f"[{time.monotonic() - self.started:6.1f}s] {state}"
         now = time.monotonic()
         if self.tty:
             sys.stderr.write("\r" + line.ljust(len(self._last_line)))
             sys.stderr.flush()
-        elif line != self._last_line and now - self._last_print > 2.0:
+            self._last_line = line
+        elif state != self._last_state and now - self._last_print > 2.0:
+            # in a log file: a line only when something moved, at most every 2 s
             print(line, file=sys.stderr, flush=True)
-            self._last_print = now
-        self._last_line = line
+            self._last_print, self._last_state = now, state
 
     def done(self) -> None:
         if self.tty:
             sys.stderr.write("\n")
 
 
-def collect_losses(run_dir: Path, cfg: DemoConfig) -> list[dict]:
-    """All silos' steps in the order the trunk applied them (its update counter)."""
-    rows = []
+def collect_losses(run_dir: Path, cfg: DemoConfig) -> tuple[list[dict], float]:
+    """All silos' steps in the order the trunk applied them (its update counter), and the
+    training time (the longest silo's, from registration to its last step: no start-up)."""
+    rows, train_s = [], 0.0
     for sid in cfg.silo_ids:
         doc = json.loads((run_dir / "results" / f"{sid}.json").read_text())
+        train_s = max(train_s, doc["wall_s"])
         for h in doc["steps"]:
             rows.append({"silo": sid, "silo_index": doc["silo_index"], **h})
     rows.sort(key=lambda r: r["trunk_seq"])
-    return rows
+    return rows, train_s

@@ -14,8 +14,8 @@ def print_summary(result: dict, rows: list[dict]) -> None:
         tail = losses[-5:]
         lines.append(f"{sid:<8}{len(losses):>6}{losses[0]:>12.4f}{losses[-1]:>12.4f}{sum(tail) / len(tail):>13.4f}")
     lines.append("-" * len(header))
-    lines.append(f"mode {result['mode']}, {len(rows)} trunk updates in {result['wall_s']:.1f}s "
-                 f"({len(rows) / max(result['wall_s'], 1e-9):.2f} steps/s)")
+    lines.append(f"mode {result['mode']}: {len(rows)} trunk updates, {result['train_wall_s']:.1f}s training "
+                 f"({len(rows) / max(result['train_wall_s'], 1e-9):.2f} steps/s), {result['wall_s']:.1f}s with start-up")
     if "max_abs_loss_diff" in result:
         diff = result["max_abs_loss_diff"]
         verdict = "MATCH" if diff <= 1e-5 else "DIFFERS"

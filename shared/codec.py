@@ -1,0 +1,33 @@
+"""The one place where message sealing plugs in.
+
+Silo agents and trunk workers turn every message into frames and back through a codec, never
+through shared.wire directly. ``PlainCodec`` sends payloads in the clear. The sealing layer (the
+encryption issue) provides a codec with the same two methods that seals each payload with the
+session key (header bytes as associated data, FLAG_SEALED set) and opens it on receipt. The broker
+needs no codec: it only reads headers, which stay in the clear as routing information.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from shared.wire import Message, message_from_wire, message_to_wire
+
+
+class Codec(Protocol):
+    def encode(self, msg: Message) -> list: ...
+
+    def decode(self, frames: Sequence) -> Message: ...
+
+
+class PlainCodec:
+    def __init__(self, max_tensor_bytes: int) -> None:
+        self.max_tensor_bytes = max_tensor_bytes
+
+    def encode(self, msg: Message) -> list:
+        return message_to_wire(msg)
+
+    def decode(self, frames: Sequence) -> Message:
+        """Raises shared.wire.FrameError on anything malformed."""
+        return message_from_wire(frames, self.max_tensor_bytes)

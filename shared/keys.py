@@ -1,0 +1,442 @@
+"""Key material: files on disk (private keys mode 0600) and the enrollment allow-list in Redis.
+
+A silo holds two long-term keys: an Ed25519 *identity* (signs its per-round hello) and an X25519
+key (mixed into every session key). The trunk service holds one X25519 key shared by its workers.
+
+On disk (one directory per party; nothing secret is ever printed or logged)::
+
+    silo:   ed25519.key  ed25519.pub  x25519.key  x25519.pub
+    trunk:  x25519.key   x25519.pub
+
+``*.key`` are unencrypted PKCS#8 PEM (readable by openssl), created 0600 from the first byte:
+``os.open(..., 0o600)`` on a temporary name, then an atomic rename. Loading refuses a private key
+that group or others may read, like ssh does. ``*.pub`` hold the raw 32-byte key as one hex line,
+so an operator can paste it into ``splitfed keys enroll``.
+
+In Redis (a *directory*, not a trust root: silos pin the trunk fingerprint from their own config)::
+
+    {prefix}:run:{run_id}:keys:silo:{silo_id}   hash  ed25519, x25519 (hex), status, enrolled_at, revoked_at
+    {prefix}:run:{run_id}:keys:silos            set   enrolled silo ids (listing without SCAN)
+    {prefix}:run:{run_id}:keys:trunk            hash  x25519 (hex), fingerprint, published_at
+    {prefix}:run:{run_id}:keys:trunk_slots      int   INCR counter handing each trunk worker process
+                                                      a unique nonce slot (see shared.sealing)
+
+Revocation marks the entry (status=revoked) instead of deleting it, so a revoked silo is refused
+with the reason "revoked" rather than "unknown_silo", and the audit trail stays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import os
+import re
+import stat
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+from shared.wire import check_id
+
+if TYPE_CHECKING:  # registry imports redis; keys stay importable without touching it
+    from shared.registry import Registry
+
+KEY_BYTES = 32
+ED25519_KEY, ED25519_PUB = "ed25519.key", "ed25519.pub"
+X25519_KEY, X25519_PUB = "x25519.key", "x25519.pub"
+MAX_KEY_FILE_BYTES = 4096  # a PEM private key is ~120 bytes: refuse to slurp anything big
+MAX_SLOTS = 2**31 - 1  # nonce slots are u32 in the frame seq field, 0 is reserved
+
+
+class KeyFileError(RuntimeError):
+    """A key file is missing, unreadable, too permissive or malformed (message says which and how to fix)."""
+
+
+class KeyStoreError(RuntimeError):
+    """The Redis allow-list holds something unusable, or an enrollment request is invalid."""
+
+
+class InsecureKeyFileWarning(UserWarning):
+    pass
+
+
+# ---------------------------------------------------------------- in-memory key sets
+
+
+@dataclasses.dataclass(frozen=True)
+class SiloKeys:
+    # repr=False: a stray print() or log line must never show key objects (they don't print
+    # secrets either, but nothing private belongs in a repr).
+    identity: Ed25519PrivateKey = dataclasses.field(repr=False)
+    x25519: X25519PrivateKey = dataclasses.field(repr=False)
+
+    @property
+    def identity_public(self) -> bytes:
+        return _raw_public(self.identity.public_key())
+
+    @property
+    def x25519_public(self) -> bytes:
+        return _raw_public(self.x25519.public_key())
+
+    def __repr__(self) -> str:
+        return f"SiloKeys(identity={fingerprint(self.identity_public)}, x25519={fingerprint(self.x25519_public)})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrunkKeys:
+    x25519: X25519PrivateKey = dataclasses.field(repr=False)
+
+    @property
+    def x25519_public(self) -> bytes:
+        return _raw_public(self.x25519.public_key())
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.x25519_public)
+
+    def __repr__(self) -> str:
+        return f"TrunkKeys(x25519={self.fingerprint})"
+
+
+def new_silo_keys() -> SiloKeys:
+    """Fresh keys in memory only (tests, benchmarks, the demo's throwaway silos)."""
+    return SiloKeys(Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
+
+
+def new_trunk_keys() -> TrunkKeys:
+    return TrunkKeys(X25519PrivateKey.generate())
+
+
+def _raw_public(pub: Ed25519PublicKey | X25519PublicKey) -> bytes:
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+# ---------------------------------------------------------------- fingerprints
+
+_FP_PREFIX = "sha256:"
+_FP_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def fingerprint(public_key_bytes: bytes) -> str:
+    """Canonical fingerprint: ``sha256:`` + 64 lowercase hex of SHA-256(raw public key).
+
+    Canonical (no spaces) so it can sit in an env var unquoted; ``display_fingerprint`` groups it.
+    """
+    if len(public_key_bytes) != KEY_BYTES:
+        raise ValueError(f"a public key is {KEY_BYTES} raw bytes, got {len(public_key_bytes)}")
+    return _FP_PREFIX + hashlib.sha256(public_key_bytes).hexdigest()
+
+
+def display_fingerprint(fp: str) -> str:
+    """``sha256:1a2b3c4d 5e6f7081 ...``: groups of 8 hex digits, easier to compare by eye."""
+    hexpart = normalize_fingerprint(fp)[len(_FP_PREFIX):]
+    return _FP_PREFIX + " ".join(hexpart[i : i + 8] for i in range(0, 64, 8))
+
+
+def normalize_fingerprint(fp: str) -> str:
+    """Accept what a human may paste (grouped, colon-separated, upper case); return the canonical form."""
+    text = fp.strip().lower()
+    if text.startswith(_FP_PREFIX):
+        text = text[len(_FP_PREFIX):]
+    text = re.sub(r"[\s:]", "", text)
+    if not _FP_RE.match(text):
+        raise ValueError(f"not a sha256 fingerprint: {fp!r} (expected 'sha256:' + 64 hex digits)")
+    return _FP_PREFIX + text
+
+
+def fingerprints_equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(normalize_fingerprint(a), normalize_fingerprint(b))
+
+
+# ---------------------------------------------------------------- files
+
+
+def generate_silo_keys(out_dir: str | os.PathLike, overwrite: bool = False) -> SiloKeys:
+    """Create a silo's identity (Ed25519) and X25519 keys under ``out_dir``. Prints nothing."""
+    keys = new_silo_keys()
+    out = _prepare_dir(Path(out_dir), [ED25519_KEY, ED25519_PUB, X25519_KEY, X25519_PUB], overwrite)
+    _write_private(out / ED25519_KEY, keys.identity)
+    _write_private(out / X25519_KEY, keys.x25519)
+    _write_public(out / ED25519_PUB, keys.identity_public)
+    _write_public(out / X25519_PUB, keys.x25519_public)
+    return keys
+
+
+def generate_trunk_keys(out_dir: str | os.PathLike, overwrite: bool = False) -> TrunkKeys:
+    """Create the trunk service's X25519 key under ``out_dir`` (copy it to every trunk worker)."""
+    keys = new_trunk_keys()
+    out = _prepare_dir(Path(out_dir), [X25519_KEY, X25519_PUB], overwrite)
+    _write_private(out / X25519_KEY, keys.x25519)
+    _write_public(out / X25519_PUB, keys.x25519_public)
+    return keys
+
+
+def load_silo_keys(key_dir: str | os.PathLike, allow_insecure: bool = False) -> SiloKeys:
+    d = Path(key_dir)
+    keys = SiloKeys(
+        _read_private(d / ED25519_KEY, Ed25519PrivateKey, allow_insecure),
+        _read_private(d / X25519_KEY, X25519PrivateKey, allow_insecure),
+    )
+    # A .pub that disagrees with its .key means someone mixed up directories: say so now, not at
+    # enrollment time as an inexplicable "bad_hello_signature".
+    _check_public_matches(d / ED25519_PUB, keys.identity_public)
+    _check_public_matches(d / X25519_PUB, keys.x25519_public)
+    return keys
+
+
+def load_trunk_keys(key_dir: str | os.PathLike, allow_insecure: bool = False) -> TrunkKeys:
+    d = Path(key_dir)
+    keys = TrunkKeys(_read_private(d / X25519_KEY, X25519PrivateKey, allow_insecure))
+    _check_public_matches(d / X25519_PUB, keys.x25519_public)
+    return keys
+
+
+def load_public(path: str | os.PathLike) -> bytes:
+    """Read a ``*.pub`` file (one line of 64 hex digits) as 32 raw bytes."""
+    p = Path(path)
+    text = _read_small(p).decode("ascii", errors="replace").strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raw = b""
+    if len(raw) != KEY_BYTES:
+        raise KeyFileError(f"{p}: expected one line of {2 * KEY_BYTES} hex digits (a raw public key)")
+    return raw
+
+
+def load_silo_public(key_dir: str | os.PathLike) -> tuple[bytes, bytes]:
+    """(ed25519, x25519) public keys of a silo directory: what an operator enrolls."""
+    d = Path(key_dir)
+    return load_public(d / ED25519_PUB), load_public(d / X25519_PUB)
+
+
+def _prepare_dir(out: Path, names: list[str], overwrite: bool) -> Path:
+    # 0700 for a directory we create; an existing one is the operator's choice.
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not overwrite:
+        existing = [n for n in names if (out / n).exists()]
+        if existing:
+            raise KeyFileError(f"{out}: {', '.join(existing)} already exist; refusing to overwrite keys")
+    return out
+
+
+def _write_private(path: Path, key: Ed25519PrivateKey | X25519PrivateKey) -> None:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    _write_atomic(path, pem, 0o600)
+
+
+def _write_public(path: Path, raw: bytes) -> None:
+    _write_atomic(path, (raw.hex() + "\n").encode("ascii"), 0o644)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Create a temp file with ``mode`` from the start (umask can only narrow it), then rename.
+
+    O_EXCL: never write through a pre-planted file or symlink. O_NOFOLLOW where the OS has it.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, mode)
+    try:
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask removed
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def _read_small(path: Path) -> bytes:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: no such key file (generate keys with `splitfed keys gen`)") from None
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read key file: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise KeyFileError(f"{path}: not a regular file")
+    if st.st_size > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path}: {st.st_size} bytes is too large for a key file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"{path}: cannot read key file: {exc}") from None
+
+
+def _read_private(path: Path, key_type: type, allow_insecure: bool):
+    data = _read_small(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if os.name == "posix" and mode & 0o077:
+        msg = f"{path}: private key is accessible by group/others (mode {mode:04o}); run `chmod 600 {path}`"
+        if not allow_insecure:
+            raise KeyFileError(msg)
+        warnings.warn(msg, InsecureKeyFileWarning, stacklevel=3)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        # Never echo the file content: it is (or resembles) a secret.
+        raise KeyFileError(f"{path}: not an unencrypted PEM private key ({type(exc).__name__})") from None
+    if not isinstance(key, key_type):
+        raise KeyFileError(f"{path}: holds a {type(key).__name__.replace('PrivateKey', '')} key, "
+                           f"expected {key_type.__name__.replace('PrivateKey', '')}")
+    return key
+
+
+def _check_public_matches(path: Path, raw: bytes) -> None:
+    if path.exists() and load_public(path) != raw:
+        raise KeyFileError(f"{path}: does not match its private key (directories mixed up?)")
+
+
+# ---------------------------------------------------------------- Redis allow-list
+
+
+@dataclasses.dataclass(frozen=True)
+class EnrolledSilo:
+    silo_id: str
+    ed25519_public: bytes
+    x25519_public: bytes
+    status: str  # "enrolled" | "revoked"
+    enrolled_at: float
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.status != "enrolled"
+
+    @property
+    def fingerprint(self) -> str:
+        """The silo's identity fingerprint (of its Ed25519 key)."""
+        return fingerprint(self.ed25519_public)
+
+    def as_dict(self) -> dict:
+        return {
+            "silo_id": self.silo_id,
+            "status": self.status,
+            "identity_fingerprint": self.fingerprint,
+            "x25519_fingerprint": fingerprint(self.x25519_public),
+            "ed25519": self.ed25519_public.hex(),
+            "x25519": self.x25519_public.hex(),
+            "enrolled_at": self.enrolled_at,
+            "revoked_at": self.revoked_at,
+        }
+
+
+def _silo_key(registry: Registry, silo_id: str) -> str:
+    return registry.key("keys", "silo", silo_id)
+
+
+def enroll(registry: Registry, silo_id: str, ed25519_pub: bytes, x25519_pub: bytes,
+           replace: bool = False) -> EnrolledSilo:
+    """Add a silo's public keys to the run's allow-list.
+
+    Enrolling the same keys again is a no-op. Different keys for an enrolled silo, or re-admitting a
+    revoked one, needs ``replace=True``: both are deliberate operator decisions.
+    """
+    check_id(silo_id, "silo id")
+    for raw, cls, what in ((ed25519_pub, Ed25519PublicKey, "ed25519"), (x25519_pub, X25519PublicKey, "x25519")):
+        try:
+            cls.from_public_bytes(bytes(raw))
+        except (ValueError, TypeError) as exc:
+            raise KeyStoreError(f"invalid {what} public key for {silo_id}: {exc}") from None
+    current = lookup(registry, silo_id)
+    if current is not None and not replace:
+        if current.revoked:
+            raise KeyStoreError(f"silo {silo_id} was revoked; re-admitting it needs replace=True")
+        if (current.ed25519_public, current.x25519_public) != (bytes(ed25519_pub), bytes(x25519_pub)):
+            raise KeyStoreError(f"silo {silo_id} is enrolled with other keys; replacing them needs replace=True")
+        return current
+    entry = EnrolledSilo(silo_id, bytes(ed25519_pub), bytes(x25519_pub), "enrolled", round(time.time(), 3))
+    pipe = registry.redis.pipeline()
+    pipe.delete(_silo_key(registry, silo_id))  # drop a stale revoked_at
+    pipe.hset(_silo_key(registry, silo_id), mapping={
+        "ed25519": entry.ed25519_public.hex(), "x25519": entry.x25519_public.hex(),
+        "status": entry.status, "enrolled_at": f"{entry.enrolled_at:.3f}",
+    })
+    pipe.sadd(registry.key("keys", "silos"), silo_id)
+    pipe.execute()
+    return entry
+
+
+def revoke(registry: Registry, silo_id: str) -> bool:
+    """Mark a silo revoked (its next hello is refused). False if it was never enrolled."""
+    check_id(silo_id, "silo id")
+    key = _silo_key(registry, silo_id)
+    if not registry.redis.exists(key):
+        return False
+    registry.redis.hset(key, mapping={"status": "revoked", "revoked_at": f"{time.time():.3f}"})
+    return True
+
+
+def lookup(registry: Registry, silo_id: str) -> EnrolledSilo | None:
+    """The enrollment of ``silo_id`` (revoked ones included, marked), or None if never enrolled."""
+    check_id(silo_id, "silo id")
+    fields = registry.redis.hgetall(_silo_key(registry, silo_id))
+    if not fields:
+        return None
+    try:
+        ed, x = bytes.fromhex(fields["ed25519"]), bytes.fromhex(fields["x25519"])
+        if len(ed) != KEY_BYTES or len(x) != KEY_BYTES:
+            raise ValueError("key length")
+        revoked_at = fields.get("revoked_at")
+        return EnrolledSilo(silo_id, ed, x, fields["status"], float(fields["enrolled_at"]),
+                            float(revoked_at) if revoked_at else None)
+    except (KeyError, ValueError) as exc:
+        raise KeyStoreError(f"malformed enrollment entry for {silo_id} in Redis ({exc})") from None
+
+
+def list_enrolled(registry: Registry) -> list[dict]:
+    out = []
+    for silo_id in sorted(registry.redis.smembers(registry.key("keys", "silos"))):
+        entry = lookup(registry, silo_id)
+        if entry is not None:
+            out.append(entry.as_dict())
+    return out
+
+
+def publish_trunk_key(registry: Registry, x25519_pub: bytes) -> str:
+    """Advertise the trunk service's public key (silos still check it against their pinned fingerprint)."""
+    try:
+        X25519PublicKey.from_public_bytes(bytes(x25519_pub))
+    except ValueError as exc:
+        raise KeyStoreError(f"invalid trunk x25519 public key: {exc}") from None
+    fp = fingerprint(bytes(x25519_pub))
+    registry.redis.hset(registry.key("keys", "trunk"), mapping={
+        "x25519": bytes(x25519_pub).hex(), "fingerprint": fp, "published_at": f"{time.time():.3f}",
+    })
+    return fp
+
+
+def trunk_public_key(registry: Registry) -> bytes | None:
+    raw = registry.redis.hget(registry.key("keys", "trunk"), "x25519")
+    if raw is None:
+        return None
+    try:
+        pub = bytes.fromhex(raw)
+    except ValueError:
+        pub = b""
+    if len(pub) != KEY_BYTES:
+        raise KeyStoreError("malformed trunk key entry in Redis")
+    return pub
+
+
+def claim_sender_slot(registry: Registry) -> int:
+    """A nonce slot no other process of this run has had (INCR is atomic). Call once per process start.
+
+    Every trunk worker seals trunk->silo frames under the same session key; distinct slots keep
+    their nonces disjoint (see shared.sealing).
+    """
+    slot = int(registry.redis.incr(registry.key("keys", "trunk_slots")))
+    if not 0 < slot <= MAX_SLOTS:
+        raise KeyStoreError(f"nonce slots of this run are exhausted ({slot})")
+    return slot

@@ -1,0 +1,592 @@
+"""End-to-end sealing between a silo and the trunk service: per-round handshake and AEAD frames.
+
+Handshake (one per silo per round: "rekey every round", so a leaked session key exposes one round)
+-----------------------------------------------------------------------------------------------
+The silo sends a HELLO (bytes, carried by the transport), signed with its Ed25519 identity. Any
+trunk worker holding the service key can verify it against the allow-list in Redis and derive the
+same session; the silo derives it once it has the trunk's public key, checked against the
+fingerprint pinned in its own settings (Redis is a directory, not a trust root). The trunk may
+answer with an ACK that proves it derived the same key (key confirmation); the first sealed reply
+proves it too.
+
+HELLO, version 1, 196 bytes, little-endian::
+
+    off  len  field
+      0    4  magic b"SPFH"
+      4    1  version = 1
+      5    1  cipher: 1 = AES-256-GCM, 2 = ChaCha20-Poly1305
+      6    2  reserved, must be 0
+      8   16  run id   (ASCII, NUL-padded; same rules as frame headers)
+     24   16  silo id  (ASCII, NUL-padded)
+     40    4  round (u32)
+     44    8  timestamp (u64, Unix ns; the trunk refuses one more than max_skew_s off)
+     52   16  random nonce (HKDF salt: two hellos never give the same key)
+     68   32  silo ephemeral X25519 public key (fresh per hello, private half never stored)
+    100   32  silo static X25519 public key (must equal the enrolled one)
+    132   64  Ed25519 signature over b"splitfed-hello-v1\\0" + bytes 0..131
+
+ACK, version 1, 72 bytes: magic b"SPFA", version 1, cipher, 2 reserved bytes, the trunk's X25519
+public key (32), confirm = HMAC-SHA256(k_confirm, b"splitfed-ack-v1" + SHA-256(hello)) (32).
+
+Key schedule (``cryptography`` primitives only)::
+
+    ikm  = X25519(eph_silo, trunk) || X25519(static_silo, trunk)
+    info = b"splitfed-v1" + run id (16) + round (u32) + silo static pub + silo eph pub + trunk pub
+           + SHA-256(hello)                 # transcript: binds silo id, cipher, timestamp, nonce
+    k_s2t | k_t2s | k_confirm = HKDF-SHA256(ikm, salt = hello nonce, info, 96 bytes)
+
+The ephemeral half gives forward secrecy against a later leak of the silo's static keys; the
+static half ties the session to the enrolled X25519 key. A leak of the *trunk* key exposes every
+session (no trunk ephemeral: any worker must be able to derive a session from the hello alone).
+
+Frames
+------
+``Session.seal`` takes a frame header (``shared.wire``) and its plaintext payloads and returns the
+frames to send: the header with FLAG_SEALED set and ``seq`` overwritten, then one ciphertext+tag per
+payload. The header bytes are the AEAD associated data, so run, silo, round, step, kind, shapes and
+dtypes are all authenticated; a frame cannot be spliced onto another header.
+
+**The header's ``seq`` field carries the nonce counter** (it must be authenticated and the header
+is the AAD): ``seq = sender_slot << 32 | counter``. Whatever ``seq`` the caller set is replaced.
+``counter`` starts at 1 and strictly increases per (session, direction, sender slot). The slot
+separates several senders under one key: every trunk worker seals trunk->silo frames with the same
+session key, so each must use its own slot (``shared.keys.claim_sender_slot``; default: a random
+31-bit slot). The nonce (12 bytes) is::
+
+    direction label (3 bytes: b"S>T" or b"T>S") + payload index (1 byte) + seq (u64 LE)
+
+Each direction also has its own key. The payload index in the nonce binds each payload to its
+position: swapped payloads fail the tag. The receiver keeps a replay window per sender slot
+(``replay_window`` counters, default 64): duplicates and counters older than the window fail with
+"replay". Window state changes only after a frame authenticates, so forgeries cannot burn
+counters.
+
+Failures raise ``SealError(reason)`` (a ``shared.wire.FrameError``), reason one of: bad_hello,
+bad_version, bad_cipher, wrong_run, wrong_round, unknown_silo, revoked, bad_hello_signature,
+key_mismatch, stale_hello, fingerprint_mismatch, bad_ack, not_sealed, wrong_session, frame_count,
+size_mismatch, bad_field, replay, bad_tag, counter_exhausted, too_many_senders.
+
+Buffers: recent ``cryptography`` AEAD classes have ``encrypt_into``/``decrypt_into`` (50.0.2 is
+installed here; pyproject's floor of 43 may lack them). We write ciphertext/plaintext straight
+into one uninitialised buffer per payload (``numpy.empty``: no 16 MiB memset) or into
+caller-provided ``out`` buffers. Without them we fall back to ``encrypt``/``decrypt`` (one extra
+allocation and copy per payload).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from shared.keys import (
+    KEY_BYTES,
+    MAX_SLOTS,
+    EnrolledSilo,
+    KeyStoreError,
+    SiloKeys,
+    TrunkKeys,
+    display_fingerprint,
+    fingerprint,
+    fingerprints_equal,
+)
+from shared.protocol import ID_FIELD_BYTES, SEAL_OVERHEAD
+from shared.wire import (
+    DEFAULT_MAX_TENSOR_BYTES,
+    FLAG_SEALED,
+    HEADER,
+    FrameError,
+    Header,
+    Message,
+    _id_from_wire,
+    _id_to_wire,
+    check_id,
+    check_schema,
+    header_from_wire,
+    message_to_wire,
+    split_frames,
+    tensor_from_wire,
+)
+
+# ---------------------------------------------------------------- constants
+
+CIPHERS = {"aes-gcm": 1, "chacha20": 2}
+_CIPHER_NAMES = {v: k for k, v in CIPHERS.items()}
+_AEAD = {"aes-gcm": AESGCM, "chacha20": ChaCha20Poly1305}
+HAS_INTO = hasattr(AESGCM, "encrypt_into") and hasattr(ChaCha20Poly1305, "decrypt_into")
+
+HELLO_MAGIC, ACK_MAGIC, HANDSHAKE_VERSION = b"SPFH", b"SPFA", 1
+_HELLO_BODY = struct.Struct(f"<4sBBH{ID_FIELD_BYTES}s{ID_FIELD_BYTES}sIQ16s32s32s")
+SIG_BYTES = 64
+HELLO_SIZE = _HELLO_BODY.size + SIG_BYTES  # 196
+_ACK = struct.Struct("<4sBBH32s32s")
+ACK_SIZE = _ACK.size  # 72
+_SIG_CONTEXT = b"splitfed-hello-v1\0"
+_ACK_CONTEXT = b"splitfed-ack-v1"
+_KDF_INFO = b"splitfed-v1"
+
+LABEL_S2T, LABEL_T2S = b"S>T", b"T>S"
+_NONCE = struct.Struct("<3sBQ")  # 12 bytes: label, payload index, seq
+MAX_COUNTER = 2**32 - 1
+MAX_SENDERS = 1024  # receive windows per session (only authenticated senders create one)
+
+# Byte offsets inside the frame header (shared.wire.HEADER = "<4sBBBB16s16sIIQ"): flags is the
+# 7th byte, seq the last 8. Checked at import so a header change cannot silently break sealing.
+_FLAGS_OFFSET = 6
+_SEQ_OFFSET = HEADER.size - 8
+assert HEADER.format.endswith("IIQ") and HEADER.format.startswith("<4sBBBB"), "wire header layout changed"
+
+
+class SealError(FrameError):
+    """A handshake or sealed frame was refused; ``reason`` is a counter name (see module doc)."""
+
+
+LookupFn = Callable[[str], "EnrolledSilo | None"]
+
+
+# ---------------------------------------------------------------- replay protection
+
+
+class ReplayWindow:
+    """Sliding window over counters (RFC 4303 style): accept new ones, reject duplicates/too-old."""
+
+    __slots__ = ("size", "top", "bits")
+
+    def __init__(self, size: int = 64) -> None:
+        self.size, self.top, self.bits = size, 0, 0  # counters start at 1: top=0 means none yet
+
+    def problem(self, counter: int) -> str | None:
+        if counter > self.top:
+            return None
+        behind = self.top - counter
+        if behind >= self.size:
+            return f"counter {counter} is older than the window (top {self.top})"
+        if (self.bits >> behind) & 1:
+            return f"counter {counter} already seen"
+        return None
+
+    def record(self, counter: int) -> None:
+        if counter > self.top:
+            shift = counter - self.top
+            # Guard the shift: a jump of 2**32 must not build a 2**32-bit integer.
+            self.bits = 1 if shift >= self.size else ((self.bits << shift) | 1) & ((1 << self.size) - 1)
+            self.top = counter
+        else:
+            self.bits |= 1 << (self.top - counter)
+
+
+class HelloGuard:
+    """Per trunk process: each silo's accepted hellos must be strictly newer (round, timestamp).
+
+    Without it a replayed (validly signed) hello would rebuild a session with an empty replay
+    window, and the old round's frames could be replayed into it. Only verified hellos are recorded,
+    so memory is bounded by the number of enrolled silos.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, silo_id: str, round_no: int, timestamp_ns: int) -> None:
+        with self._lock:
+            last = self._last.get(silo_id)
+            if last is not None and (round_no, timestamp_ns) <= last:
+                raise SealError("stale_hello",
+                                f"{silo_id}: hello (round {round_no}) is not newer than the last accepted")
+            self._last[silo_id] = (round_no, timestamp_ns)
+
+
+# ---------------------------------------------------------------- buffers
+
+
+def _alloc(n: int) -> memoryview:
+    # Uninitialised: the cipher overwrites every byte (bytearray(n) would memset 16 MiB first).
+    return memoryview(np.empty(n, dtype=np.uint8))
+
+
+def _byte_view(obj) -> memoryview:
+    """A flat byte view of any C-contiguous buffer (zmq.Frame, numpy array, bytes) without copying."""
+    v = memoryview(obj)
+    return v if v.ndim == 1 and v.format == "B" else v.cast("B")
+
+
+def _zero(buf) -> None:
+    np.frombuffer(buf, dtype=np.uint8)[:] = 0
+
+
+# ---------------------------------------------------------------- sessions
+
+
+@dataclass(frozen=True)
+class HelloFields:
+    """A hello's fields, parsed and structurally checked but NOT verified (for routing and logs)."""
+
+    cipher: str
+    run_id: str
+    silo_id: str
+    round: int
+    timestamp_ns: int
+    nonce: bytes
+    ephemeral_public: bytes
+    static_public: bytes
+    signature: bytes
+    body: bytes
+
+
+class Session:
+    """One (silo, trunk service, run, round) session; the same class on both sides.
+
+    Thread-safe: sealing reserves counters under a lock; opening holds the session's receive lock
+    (one silo's frames are opened one at a time; different silos' sessions never contend).
+    """
+
+    def __init__(self, *, side: str, run_id: str, silo_id: str, round_no: int, cipher: str, okm: bytes,
+                 transcript: bytes, trunk_public: bytes, silo_identity: bytes, sender_slot: int | None,
+                 replay_window: int, max_tensor_bytes: int) -> None:
+        k_s2t, k_t2s, self._k_confirm = okm[:32], okm[32:64], okm[64:96]
+        aead = _AEAD[cipher]
+        is_silo = side == "silo"
+        self.side, self.run_id, self.silo_id, self.round, self.cipher = side, run_id, silo_id, round_no, cipher
+        self.trunk_fingerprint = fingerprint(trunk_public)
+        self.silo_fingerprint = fingerprint(silo_identity)
+        self.transcript = transcript
+        self._trunk_public = trunk_public
+        self._send = aead(k_s2t if is_silo else k_t2s)
+        self._recv = aead(k_t2s if is_silo else k_s2t)
+        self._send_label = LABEL_S2T if is_silo else LABEL_T2S
+        self._recv_label = LABEL_T2S if is_silo else LABEL_S2T
+        if sender_slot is None:
+            sender_slot = secrets.randbelow(MAX_SLOTS) + 1
+        if not 0 <= sender_slot <= MAX_SLOTS:
+            raise ValueError(f"sender slot must be in 0..{MAX_SLOTS}")
+        self.sender_slot = sender_slot
+        self._counter = 0
+        self._send_lock, self._recv_lock = threading.Lock(), threading.Lock()
+        self._windows: dict[int, ReplayWindow] = {}
+        self._window_size = replay_window
+        self.max_tensor_bytes = max_tensor_bytes
+        # For `splitfed bench crypto` / step-time share: cumulative seconds inside the cipher.
+        self.stats = {"sealed": 0, "opened": 0, "bytes_sealed": 0, "bytes_opened": 0, "seal_s": 0.0, "open_s": 0.0}
+
+    def __repr__(self) -> str:
+        return (f"Session({self.side}, run={self.run_id}, silo={self.silo_id}, round={self.round}, "
+                f"cipher={self.cipher}, trunk={self.trunk_fingerprint[:19]}…)")
+
+    # ---------------------------------------------------------- trunk side: key confirmation
+    def ack(self) -> bytes:
+        """The trunk's HELLO_ACK: its public key and proof that it derived this session's keys."""
+        if self.side != "trunk":
+            raise ValueError("only the trunk side answers a hello")
+        return _ACK.pack(ACK_MAGIC, HANDSHAKE_VERSION, CIPHERS[self.cipher], 0, self._trunk_public, self._confirm_tag())
+
+    def _confirm_tag(self) -> bytes:
+        return hmac.new(self._k_confirm, _ACK_CONTEXT + self.transcript, hashlib.sha256).digest()
+
+    # ---------------------------------------------------------- frames
+    def _check_header(self, header: Header) -> None:
+        if header.has_text:
+            raise SealError("bad_field", "text frames cannot be sealed")
+        if (header.run_id, header.silo_id, header.round) != (self.run_id, self.silo_id, self.round):
+            raise SealError("wrong_session", f"frame for {header.run_id}/{header.silo_id}/round {header.round}, "
+                                             f"session is {self.run_id}/{self.silo_id}/round {self.round}")
+
+    def seal(self, header_bytes: bytes | memoryview, payloads: Sequence, out: Sequence | None = None) -> list:
+        """Return ``[sealed header, ciphertext_0, ...]`` ready to send (see module doc for seq/nonce).
+
+        ``out``: optional writable buffers of nbytes+16 each (reuse them only once the transport
+        is done with the previous message: zmq's copy=False keeps a reference until sent).
+        """
+        header = header_from_wire(header_bytes, self.max_tensor_bytes)
+        self._check_header(header)
+        if len(payloads) != len(header.tensors):
+            raise SealError("frame_count", f"{len(payloads)} payloads, header says {len(header.tensors)}")
+        views = [_byte_view(p) for p in payloads]
+        for i, (desc, v) in enumerate(zip(header.tensors, views)):
+            if v.nbytes != desc.nbytes:
+                raise SealError("size_mismatch", f"payload {i}: {v.nbytes} bytes, header says {desc.nbytes}")
+        with self._send_lock:
+            if self._counter >= MAX_COUNTER:
+                raise SealError("counter_exhausted", "start a new session (rekey)")
+            self._counter += 1
+            seq = (self.sender_slot << 32) | self._counter
+        aad = bytearray(header_bytes)
+        aad[_FLAGS_OFFSET] |= FLAG_SEALED
+        struct.pack_into("<Q", aad, _SEQ_OFFSET, seq)
+        aad = bytes(aad)
+        t0 = time.perf_counter()
+        frames: list = [aad]
+        for i, v in enumerate(views):
+            nonce = _NONCE.pack(self._send_label, i, seq)
+            if HAS_INTO:
+                buf = out[i] if out is not None else _alloc(v.nbytes + SEAL_OVERHEAD)
+                self._send.encrypt_into(nonce, v, aad, buf)
+            else:  # pragma: no cover - cryptography without encrypt_into
+                buf = self._send.encrypt(nonce, bytes(v), aad)
+            frames.append(buf)
+        self.stats["seal_s"] += time.perf_counter() - t0
+        self.stats["sealed"] += 1
+        self.stats["bytes_sealed"] += sum(v.nbytes for v in views)
+        return frames
+
+    def open(self, header_bytes: bytes | memoryview, payloads: Sequence, out: Sequence | None = None,
+             header: Header | None = None) -> list:
+        """Authenticate and decrypt; return one plaintext buffer per payload (writable memoryviews).
+
+        ``header``: the already-parsed header of these exact bytes (from ``split_frames``), to skip
+        parsing twice. On any failure nothing is returned and ``out`` buffers are zeroed (decryption
+        writes plaintext before the tag is checked).
+        """
+        header_bytes = bytes(header_bytes)
+        if header is None:
+            header = header_from_wire(header_bytes, self.max_tensor_bytes)
+        if not header.sealed:
+            raise SealError("not_sealed", "expected a sealed frame")
+        self._check_header(header)
+        if len(payloads) != len(header.tensors):
+            raise SealError("frame_count", f"{len(payloads)} payloads, header says {len(header.tensors)}")
+        views = [_byte_view(p) for p in payloads]
+        for i, (desc, v) in enumerate(zip(header.tensors, views)):
+            if v.nbytes != desc.nbytes + SEAL_OVERHEAD:
+                raise SealError("size_mismatch",
+                                f"payload {i}: {v.nbytes} bytes, header says {desc.nbytes + SEAL_OVERHEAD}")
+        slot, counter = header.seq >> 32, header.seq & MAX_COUNTER
+        if counter == 0:
+            raise SealError("bad_field", "counter 0 is never sent")
+        with self._recv_lock:
+            window = self._windows.get(slot)
+            if window is not None and (why := window.problem(counter)):
+                raise SealError("replay", f"slot {slot}: {why}")
+            if window is None and len(self._windows) >= MAX_SENDERS:
+                raise SealError("too_many_senders", f"more than {MAX_SENDERS} sender slots in one session")
+            t0 = time.perf_counter()
+            bufs: list = []
+            try:
+                for i, v in enumerate(views):
+                    nonce = _NONCE.pack(self._recv_label, i, header.seq)
+                    if HAS_INTO:
+                        buf = out[i] if out is not None else _alloc(v.nbytes - SEAL_OVERHEAD)
+                        bufs.append(buf)
+                        self._recv.decrypt_into(nonce, v, header_bytes, buf)
+                    else:  # pragma: no cover
+                        bufs.append(memoryview(bytearray(self._recv.decrypt(nonce, bytes(v), header_bytes))))
+            except InvalidTag:
+                for b in bufs:
+                    _zero(b)
+                raise SealError("bad_tag", f"{self.silo_id} round {self.round}: payload {len(bufs) - 1} failed "
+                                           "authentication") from None
+            if window is None:
+                window = self._windows[slot] = ReplayWindow(self._window_size)
+            window.record(counter)
+            self.stats["open_s"] += time.perf_counter() - t0
+        self.stats["opened"] += 1
+        self.stats["bytes_opened"] += sum(v.nbytes - SEAL_OVERHEAD for v in views)
+        return bufs
+
+
+# ---------------------------------------------------------------- handshake
+
+
+def _derive(ikm: bytes, nonce: bytes, run_id: str, round_no: int, static_pub: bytes, eph_pub: bytes,
+            trunk_pub: bytes, transcript: bytes) -> bytes:
+    info = b"".join([_KDF_INFO, _id_to_wire(run_id), struct.pack("<I", round_no), static_pub, eph_pub, trunk_pub,
+                     transcript])
+    return HKDF(algorithm=hashes.SHA256(), length=96, salt=nonce, info=info).derive(ikm)
+
+
+def _cipher_name(cipher: str) -> str:
+    if cipher not in CIPHERS:
+        raise ValueError(f"unknown cipher {cipher!r}; one of {sorted(CIPHERS)}")
+    return cipher
+
+
+class PendingSession:
+    """The silo's half of a handshake: holds the ephemeral private key until ``complete``."""
+
+    def __init__(self, silo_keys: SiloKeys, fields: HelloFields, hello: bytes, eph: X25519PrivateKey,
+                 sender_slot: int | None, replay_window: int, max_tensor_bytes: int) -> None:
+        self._keys, self.fields, self._hello, self._eph = silo_keys, fields, hello, eph
+        self._opts = (sender_slot, replay_window, max_tensor_bytes)
+
+    def complete(self, trunk_pub: bytes, pinned_fingerprint: str | None, confirm: bytes | None = None) -> Session:
+        """Check the trunk key against the pinned fingerprint, derive the session (once).
+
+        ``confirm``: the ACK's confirm tag, if the transport carried one (``complete_ack`` does that).
+        """
+        if self._eph is None:
+            raise ValueError("this hello was already completed; make a new hello")
+        trunk_pub = bytes(trunk_pub)
+        if len(trunk_pub) != KEY_BYTES:
+            raise SealError("bad_ack", f"trunk public key of {len(trunk_pub)} bytes")
+        if not pinned_fingerprint:
+            raise SealError("fingerprint_mismatch", "no trunk key fingerprint is pinned in this silo's settings")
+        actual = fingerprint(trunk_pub)
+        try:
+            same = fingerprints_equal(actual, pinned_fingerprint)
+        except ValueError as exc:
+            raise SealError("fingerprint_mismatch", f"pinned value is not a fingerprint: {exc}") from None
+        if not same:
+            raise SealError("fingerprint_mismatch",
+                            f"trunk service key {display_fingerprint(actual)} is not the pinned "
+                            f"{display_fingerprint(pinned_fingerprint)}: refusing to talk to it")
+        f = self.fields
+        try:
+            peer = X25519PublicKey.from_public_bytes(trunk_pub)
+            ikm = self._eph.exchange(peer) + self._keys.x25519.exchange(peer)
+        except ValueError as exc:
+            raise SealError("bad_ack", f"unusable trunk key: {exc}") from None
+        transcript = hashlib.sha256(self._hello).digest()
+        okm = _derive(ikm, f.nonce, f.run_id, f.round, f.static_public, f.ephemeral_public, trunk_pub, transcript)
+        slot, window, mtb = self._opts
+        session = Session(side="silo", run_id=f.run_id, silo_id=f.silo_id, round_no=f.round, cipher=f.cipher, okm=okm,
+                          transcript=transcript, trunk_public=trunk_pub, silo_identity=self._keys.identity_public,
+                          sender_slot=0 if slot is None else slot, replay_window=window, max_tensor_bytes=mtb)
+        if confirm is not None and not hmac.compare_digest(bytes(confirm), session._confirm_tag()):
+            raise SealError("bad_ack", "the trunk did not derive the same session key")
+        self._eph = None  # forward secrecy: the ephemeral private key is gone once used
+        return session
+
+    def complete_ack(self, ack: bytes, pinned_fingerprint: str | None) -> Session:
+        ack = bytes(ack)
+        if len(ack) != ACK_SIZE:
+            raise SealError("bad_ack", f"ack of {len(ack)} bytes, expected {ACK_SIZE}")
+        magic, version, cipher_id, reserved, trunk_pub, confirm = _ACK.unpack(ack)
+        if magic != ACK_MAGIC or reserved:
+            raise SealError("bad_ack", "not a hello ack")
+        if version != HANDSHAKE_VERSION:
+            raise SealError("bad_version", f"ack version {version}, speak {HANDSHAKE_VERSION}")
+        if _CIPHER_NAMES.get(cipher_id) != self.fields.cipher:
+            raise SealError("bad_cipher", f"trunk answered cipher {cipher_id}, asked {self.fields.cipher}")
+        return self.complete(trunk_pub, pinned_fingerprint, confirm)
+
+
+def make_hello(silo_keys: SiloKeys, silo_id: str, run_id: str, round_no: int, *, cipher: str = "aes-gcm",
+               now_ns: int | None = None, sender_slot: int | None = None, replay_window: int = 64,
+               max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> tuple[bytes, PendingSession]:
+    """Build this round's signed hello. Send the bytes; keep the pending half to ``complete``.
+
+    The silo is the only sender in its direction, so its slot defaults to 0.
+    """
+    check_id(silo_id, "silo id")
+    check_id(run_id, "run id")
+    if not 0 <= round_no <= 0xFFFFFFFF:
+        raise ValueError(f"round {round_no} does not fit a u32")
+    cipher = _cipher_name(cipher)
+    eph = X25519PrivateKey.generate()
+    eph_pub = eph.public_key().public_bytes_raw()
+    ts = time.time_ns() if now_ns is None else now_ns
+    nonce = secrets.token_bytes(16)
+    body = _HELLO_BODY.pack(HELLO_MAGIC, HANDSHAKE_VERSION, CIPHERS[cipher], 0, _id_to_wire(run_id),
+                            _id_to_wire(silo_id), round_no, ts, nonce, eph_pub, silo_keys.x25519_public)
+    sig = silo_keys.identity.sign(_SIG_CONTEXT + body)
+    hello = body + sig
+    fields = HelloFields(cipher, run_id, silo_id, round_no, ts, nonce, eph_pub, silo_keys.x25519_public, sig, body)
+    return hello, PendingSession(silo_keys, fields, hello, eph, sender_slot, replay_window, max_tensor_bytes)
+
+
+def peek_hello(hello: bytes | memoryview) -> HelloFields:
+    """Parse and structurally validate a hello WITHOUT verifying it (routing, logs). Raises SealError."""
+    hello = bytes(hello)
+    if len(hello) != HELLO_SIZE:
+        raise SealError("bad_hello", f"hello of {len(hello)} bytes, expected {HELLO_SIZE}")
+    body, sig = hello[: _HELLO_BODY.size], hello[_HELLO_BODY.size :]
+    magic, version, cipher_id, reserved, run_raw, silo_raw, round_no, ts, nonce, eph, static = _HELLO_BODY.unpack(body)
+    if magic != HELLO_MAGIC:
+        raise SealError("bad_hello", f"magic {magic!r}")
+    if version != HANDSHAKE_VERSION:
+        raise SealError("bad_version", f"hello version {version}, speak {HANDSHAKE_VERSION}")
+    if cipher_id not in _CIPHER_NAMES:
+        raise SealError("bad_cipher", f"cipher id {cipher_id}")
+    if reserved:
+        raise SealError("bad_hello", "reserved bytes are not zero")
+    try:
+        run_id, silo_id = _id_from_wire(run_raw, "run id"), _id_from_wire(silo_raw, "silo id")
+    except FrameError as exc:
+        raise SealError("bad_hello", exc.detail) from None
+    return HelloFields(_CIPHER_NAMES[cipher_id], run_id, silo_id, round_no, ts, nonce, eph, static, sig, body)
+
+
+def accept_hello(hello: bytes | memoryview, trunk_keys: TrunkKeys, lookup_fn: LookupFn, run_id: str, *,
+                 allowed_ciphers: Sequence[str] = ("aes-gcm", "chacha20"), expected_round: int | None = None,
+                 max_skew_s: float = 300.0, now_ns: int | None = None, guard: HelloGuard | None = None,
+                 sender_slot: int | None = None, replay_window: int = 64,
+                 max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Session:
+    """Trunk side: verify a silo's hello against the allow-list and derive the session.
+
+    ``lookup_fn(silo_id)`` returns the enrollment (``shared.keys.lookup`` bound to a registry).
+    ``guard`` (one per process) refuses replayed or older hellos. ``sender_slot``: this process's
+    unique slot (``shared.keys.claim_sender_slot``); the default is random.
+    """
+    hello = bytes(hello)
+    f = peek_hello(hello)
+    if f.run_id != run_id:
+        raise SealError("wrong_run", f"hello for run {f.run_id!r}, this is {run_id!r}")
+    if f.cipher not in allowed_ciphers:
+        raise SealError("bad_cipher", f"{f.silo_id} asks for {f.cipher}; allowed: {', '.join(allowed_ciphers)}")
+    try:
+        enrolled = lookup_fn(f.silo_id)
+    except KeyStoreError as exc:
+        raise SealError("unknown_silo", str(exc)) from None
+    if enrolled is None:
+        raise SealError("unknown_silo", f"{f.silo_id} is not enrolled in run {run_id}")
+    if enrolled.revoked:
+        raise SealError("revoked", f"{f.silo_id} was revoked")
+    try:
+        Ed25519PublicKey.from_public_bytes(enrolled.ed25519_public).verify(f.signature, _SIG_CONTEXT + f.body)
+    except InvalidSignature:
+        raise SealError("bad_hello_signature",
+                        f"hello claiming {f.silo_id} is not signed by its enrolled identity") from None
+    # From here on the hello is authentic: what remains are policy checks.
+    if not hmac.compare_digest(f.static_public, enrolled.x25519_public):
+        raise SealError("key_mismatch", f"{f.silo_id}'s x25519 key is not the enrolled one (re-enroll it?)")
+    now = time.time_ns() if now_ns is None else now_ns
+    if abs(now - f.timestamp_ns) > max_skew_s * 1e9:
+        raise SealError("stale_hello", f"{f.silo_id}: hello timestamp {(now - f.timestamp_ns) / 1e9:+.0f} s off")
+    if expected_round is not None and f.round != expected_round:
+        raise SealError("wrong_round", f"{f.silo_id}: hello for round {f.round}, current round is {expected_round}")
+    trunk_pub = trunk_keys.x25519_public
+    try:
+        ikm = trunk_keys.x25519.exchange(X25519PublicKey.from_public_bytes(f.ephemeral_public)) + \
+            trunk_keys.x25519.exchange(X25519PublicKey.from_public_bytes(f.static_public))
+    except ValueError as exc:  # low-order point: all-zero shared secret
+        raise SealError("bad_hello", f"unusable ephemeral key: {exc}") from None
+    if guard is not None:
+        guard.admit(f.silo_id, f.round, f.timestamp_ns)
+    transcript = hashlib.sha256(hello).digest()
+    okm = _derive(ikm, f.nonce, f.run_id, f.round, f.static_public, f.ephemeral_public, trunk_pub, transcript)
+    return Session(side="trunk", run_id=f.run_id, silo_id=f.silo_id, round_no=f.round, cipher=f.cipher, okm=okm,
+                   transcript=transcript, trunk_public=trunk_pub, silo_identity=enrolled.ed25519_public,
+                   sender_slot=sender_slot, replay_window=replay_window, max_tensor_bytes=max_tensor_bytes)
+
+
+# ---------------------------------------------------------------- whole messages
+
+
+def seal_message(session: Session, msg: Message) -> list:
+    """``message_to_wire`` + ``seal``: frames to send. Text cannot be sealed (send ERRORs unsealed)."""
+    if msg.text is not None:
+        raise SealError("bad_field", "text frames cannot be sealed")
+    frames = message_to_wire(msg)
+    return session.seal(frames[0], frames[1:])
+
+
+def open_message(session: Session, frames: Sequence, max_tensor_bytes: int | None = None) -> Message:
+    """Validate, authenticate, decrypt and schema-check a sealed message. ``seq`` is the nonce seq."""
+    header, header_bytes, payloads, _ = split_frames(frames, max_tensor_bytes or session.max_tensor_bytes)
+    bufs = session.open(header_bytes, payloads, header=header)
+    tensors = [tensor_from_wire(d, b) for d, b in zip(header.tensors, bufs)]
+    msg = Message(header.kind, header.run_id, header.silo_id, header.round, header.step, header.seq, tensors)
+    check_schema(msg)
+    return msg
