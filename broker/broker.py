@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -52,6 +53,10 @@ class Broker:
         self.workers: dict[str, Worker] = {}
         self._next_worker = 0
         self.step_worker: dict[str, str] = {}  # silo -> worker holding its open step's graph
+        # Every worker must hold a silo's session: hellos go to all workers, and the latest one per
+        # silo is replayed to workers that join later. One ack per (silo, round) goes back.
+        self.latest_hello: dict[str, list] = {}
+        self.acked: set[tuple[str, int]] = set()
         self.completed: dict[str, int] = {s: 0 for s in self.silos}
         self.left: set[str] = set()
         self.committed_round = -1
@@ -73,7 +78,8 @@ class Broker:
     def run(self) -> int:
         self.registry.join("broker", "broker", mode=self.settings.mode, frontend=self.settings.frontend_bind)
         heartbeat = Heartbeat(self.registry, "broker", "broker", self.settings.heartbeat_s, self.settings.liveness_ttl_s).start()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
@@ -99,6 +105,10 @@ class Broker:
     def _on_sigterm(self, *_: object) -> None:
         self._stopping = True
 
+    def stop(self) -> None:
+        """Ask the poll loop to finish (from a signal handler or another thread)."""
+        self._stopping = True
+
     # ------------------------------------------------------------------ silo side
     def process_silo(self, identity: bytes, frames: list) -> None:
         header = self._parse(frames, peer=f"silo {identity!r}", reply_socket=self.frontend, reply_to=identity)
@@ -118,7 +128,12 @@ class Broker:
             # A peer may not speak for a silo it did not register as.
             self._reject("identity_mismatch", f"frame for {silo!r} from another connection", self.frontend, identity, header)
             return
-        if header.kind == Kind.FORWARD:
+        if header.kind == Kind.HELLO:
+            self.latest_hello[silo] = frames
+            self.acked.discard((silo, header.round))
+            for worker in self.workers.values():
+                self._forward_to_worker(worker, frames)
+        elif header.kind == Kind.FORWARD:
             self.scheduler.submit(silo, frames)
         elif header.kind == Kind.BACKWARD:
             worker = self.step_worker.get(silo)
@@ -146,6 +161,8 @@ class Broker:
             self.workers[worker_id] = Worker(worker_id, identity, time.monotonic())
             self._send(self.backend, identity, Message(Kind.READY, self.run_id, worker_id))
             log.info("trunk worker %s ready", worker_id)
+            for hello in self.latest_hello.values():
+                self._route(self.backend, identity, hello)
             return
         if header.kind == Kind.HEARTBEAT:
             for w in self.workers.values():
@@ -157,6 +174,11 @@ class Broker:
         if target is None:
             log.warning("result for unknown silo %s dropped", silo)
             self.registry.count_rejected("unroutable")
+            return
+        if header.kind == Kind.HELLO_ACK:
+            if (silo, header.round) not in self.acked:
+                self.acked.add((silo, header.round))
+                self._route(self.frontend, target, frames)
             return
         if header.kind in (Kind.FORWARD_RESULT, Kind.BACKWARD_RESULT, Kind.ERROR):
             self._route(self.frontend, target, frames)

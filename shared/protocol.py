@@ -20,6 +20,7 @@ ID_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 MAX_TENSORS = 4
 MAX_NDIM = 4
 MAX_TEXT_BYTES = 4096  # ERROR reasons and READY details
+MAX_HANDSHAKE_BYTES = 256  # HELLO (196) and HELLO_ACK (72) payloads
 SEAL_OVERHEAD = 16  # AEAD tag appended to each sealed payload (AES-GCM and ChaCha20-Poly1305)
 
 
@@ -32,9 +33,17 @@ class Kind(enum.IntEnum):
     FORWARD          silo -> trunk: hidden h1 float[B,T,H], mask uint8[B,T], positions int[B,T].
     FORWARD_RESULT   trunk -> silo: hidden h2 float[B,T,H].
     BACKWARD         silo -> trunk: dL/dh2 float[B,T,H].
-    BACKWARD_RESULT  trunk -> silo: dL/dh1 float[B,T,H]; seq = the trunk's update counter.
+    BACKWARD_RESULT  trunk -> silo: dL/dh1 float[B,T,H], applied int64[1] (the trunk's update
+                     counter after this step: the order in which steps were applied).
     ERROR            either way: no tensors, text = reason (the step named by round/step failed).
+                     Never sealed (it carries no data), so a silo can learn why it was refused.
     DISCONNECT       silo -> broker: finished, leave the rotation. No tensors.
+    HELLO            silo -> trunk service (the broker fans it out to every worker): the round's
+                     signed handshake (shared/sealing.py), uint8[196]. Unsealed.
+    HELLO_ACK        trunk -> silo: uint8[72], the trunk key and its key confirmation. Unsealed.
+
+    With encryption on, FORWARD..BACKWARD_RESULT are sealed: each payload is an AEAD ciphertext,
+    the header is the associated data, and the header's seq carries the nonce counter.
     """
 
     READY = 1
@@ -45,6 +54,8 @@ class Kind(enum.IntEnum):
     BACKWARD_RESULT = 6
     ERROR = 7
     DISCONNECT = 8
+    HELLO = 9
+    HELLO_ACK = 10
 
 
 class Flag(enum.IntFlag):

@@ -57,6 +57,14 @@ class ModelSettings(CommonSettings):
                              lora_init_b=self.lora_init_b, prefix_len=self.prefix_len)
 
 
+class CryptoSettings(ModelSettings):
+    """End-to-end sealing between silo and trunk service (shared/sealing.py). On by default."""
+
+    encryption: bool = Field(True, description="seal every tensor end to end (silo and trunk must agree)")
+    cipher: Literal["aes-gcm", "chacha20"] = Field("aes-gcm", description="AEAD (chacha20 for CPUs without AES instructions)")
+    keys_dir: Path | None = Field(None, description="this role's key directory (from `splitfed keys gen`)")
+
+
 class BrokerSettings(CommonSettings):
     frontend_bind: str = Field("tcp://127.0.0.1:5555", description="address silos connect to")
     backend_bind: str = Field("tcp://127.0.0.1:5556", description="address trunk workers connect to")
@@ -64,7 +72,7 @@ class BrokerSettings(CommonSettings):
     silos: str = Field("", description="comma-separated silo ids of the run (empty: read from Redis run metadata)")
 
 
-class TrunkSettings(ModelSettings):
+class TrunkSettings(CryptoSettings):
     broker_backend: str = Field("tcp://127.0.0.1:5556", description="broker address for trunk workers")
     worker_id: str = Field("trunk0", description="this worker's id")
     device: str = Field("cpu", description="torch device of the trunk ('cpu', 'cuda', 'cuda:1')")
@@ -76,9 +84,10 @@ class TrunkSettings(ModelSettings):
         return check_id(v, "worker id")
 
 
-class SiloSettings(ModelSettings):
+class SiloSettings(CryptoSettings):
     broker_frontend: str = Field("tcp://127.0.0.1:5555", description="broker address for silos")
     silo_id: str = Field("silo0", description="this silo's id")
+    trunk_fingerprint: str | None = Field(None, description="pinned trunk service key fingerprint (sha256:...)")
     silo_index: int = Field(0, ge=0, description="this silo's index (mixes into the data order)")
     data: Path | None = Field(None, description="JSONL training data ({prompt, completion} or {text} per line)")
     steps: int = Field(20, ge=1, description="training steps of this silo")

@@ -32,6 +32,7 @@ from shared.protocol import (
     ID_ALPHABET,
     ID_FIELD_BYTES,
     ITEMSIZE,
+    MAX_HANDSHAKE_BYTES,
     MAX_NDIM,
     MAX_TENSORS,
     MAX_TEXT_BYTES,
@@ -308,7 +309,7 @@ _HIDDEN = "hidden"
 
 def check_schema(msg: Message) -> None:
     """Each kind carries a fixed set of tensors; shapes must agree with each other."""
-    kinds_with_hidden_only = (Kind.FORWARD_RESULT, Kind.BACKWARD, Kind.BACKWARD_RESULT)
+    kinds_with_hidden_only = (Kind.FORWARD_RESULT, Kind.BACKWARD)
     t = msg.tensors
     if msg.kind == Kind.FORWARD:
         # [hidden float (B,T,H), attention mask uint8 (B,T), position ids int32/int64 (B,T)]
@@ -320,6 +321,15 @@ def check_schema(msg: Message) -> None:
             raise FrameError("schema", f"mask must be uint8 [{b},{s}], got {t[1].dtype} {tuple(t[1].shape)}")
         if t[2].dtype not in (torch.int32, torch.int64) or tuple(t[2].shape) != (b, s):
             raise FrameError("schema", f"positions must be int [{b},{s}], got {t[2].dtype} {tuple(t[2].shape)}")
+    elif msg.kind == Kind.BACKWARD_RESULT:
+        if len(t) != 2:
+            raise FrameError("schema", f"BACKWARD_RESULT carries 2 tensors, got {len(t)}")
+        _check_hidden(t[0])
+        if t[1].dtype != torch.int64 or tuple(t[1].shape) != (1,):
+            raise FrameError("schema", f"applied counter must be int64 [1], got {t[1].dtype} {tuple(t[1].shape)}")
+    elif msg.kind in (Kind.HELLO, Kind.HELLO_ACK):
+        if len(t) != 1 or t[0].dtype != torch.uint8 or t[0].dim() != 1 or not 0 < t[0].numel() <= MAX_HANDSHAKE_BYTES:
+            raise FrameError("schema", f"{msg.kind.name} carries one uint8 vector of at most {MAX_HANDSHAKE_BYTES} bytes")
     elif msg.kind in kinds_with_hidden_only:
         if len(t) != 1:
             raise FrameError("schema", f"{msg.kind.name} carries 1 tensor, got {len(t)}")

@@ -32,7 +32,10 @@ from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.registry import Heartbeat, Registry
 from shared.settings import SiloSettings
 from shared.tokenizer import load_tokenizer
+from shared import keys as keystore
 from shared.codec import PlainCodec
+from shared.sealed_codec import SealedCodec
+from shared.sealing import make_hello
 from shared.wire import FrameError, Message
 
 log = logging.getLogger("silo")
@@ -59,12 +62,38 @@ class SiloAgent:
         self.optimizer = make_optimizer(trainable, settings.lr, settings.weight_decay)
         self.history: list[dict] = []
         self._stopping = False
-        self.codec = PlainCodec(settings.max_tensor_bytes)  # the sealing layer replaces this
+        self.codec = self._make_codec(settings)
+        self.crypto_s = 0.0
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, settings.silo_id.encode())
         self.sock.connect(settings.broker_frontend)
+
+    def _make_codec(self, settings: SiloSettings):
+        if not settings.encryption:
+            log.warning("encryption is OFF: this silo's activations cross the network in the clear")
+            return PlainCodec(settings.max_tensor_bytes)
+        if settings.keys_dir is None:
+            raise ValueError("encryption is on: pass --keys-dir with this silo's keys "
+                             "(`splitfed keys gen --role silo --out DIR`, then enroll them)")
+        if not settings.trunk_fingerprint:
+            raise ValueError("encryption is on: pin the trunk service key with --trunk-fingerprint sha256:... "
+                             "(the operator's `splitfed keys fingerprint DIR` prints it)")
+        self.keys = keystore.load_silo_keys(settings.keys_dir)
+        return SealedCodec(settings.max_tensor_bytes)
+
+    def _handshake(self, rnd: int, step: int) -> None:
+        """A fresh session key each round: a leaked key exposes one round at most."""
+        s = self.settings
+        hello, pending = make_hello(self.keys, s.silo_id, s.run_id, rnd, cipher=s.cipher,
+                                    max_tensor_bytes=s.max_tensor_bytes)
+        self._send(Message(Kind.HELLO, s.run_id, s.silo_id, rnd, step,
+                           tensors=[torch.frombuffer(bytearray(hello), dtype=torch.uint8)]))
+        ack = self._await(Kind.HELLO_ACK, step)
+        # Raises SealError("fingerprint_mismatch") unless the trunk holds the key pinned in our settings.
+        self.codec.sessions.add(pending.complete_ack(bytes(ack.tensors[0].numpy()), s.trunk_fingerprint))
+        log.info("round %d: session established with trunk %s", rnd, s.trunk_fingerprint[:23])
 
     # ------------------------------------------------------------------ lifecycle
     def run(self) -> int:
@@ -98,6 +127,8 @@ class SiloAgent:
     def train_step(self, step: int) -> float:
         s = self.settings
         rnd = step // s.local_steps
+        if isinstance(self.codec, SealedCodec) and (step % s.local_steps == 0 or step == 0):
+            self._handshake(rnd, step)
         batch = self.dataset.batch(step)
         mask = batch.attention_mask
         positions = positions_from_mask(mask)
@@ -121,7 +152,7 @@ class SiloAgent:
             self.optimizer.zero_grad(set_to_none=True)
 
         value = float(loss.detach())
-        self.history.append({"round": rnd, "step": step, "loss": value, "trunk_seq": reply.seq})
+        self.history.append({"round": rnd, "step": step, "loss": value, "trunk_seq": int(reply.tensors[1][0])})
         if s.report_loss:
             self.registry.update("silo", s.silo_id, round=rnd, step=step, loss=f"{value:.6f}", updated_at=f"{time.time():.3f}")
         log.info("round %d step %d loss %.4f", rnd, step, value)
@@ -163,7 +194,9 @@ class SiloAgent:
             tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
             _atomic(s.save_dir / f"{s.silo_id}.safetensors", lambda p: save_file(tensors, str(p)))
         if s.results is not None:
-            doc = {"silo_id": s.silo_id, "silo_index": s.silo_index, "steps": self.history, "wall_s": wall_s}
+            crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
+            doc = {"silo_id": s.silo_id, "silo_index": s.silo_index, "steps": self.history, "wall_s": wall_s,
+                   "encryption": isinstance(self.codec, SealedCodec), "crypto_s": crypto_s}
             _atomic(s.results, lambda p: p.write_text(json.dumps(doc, indent=1)))
 
 

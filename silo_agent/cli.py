@@ -9,7 +9,9 @@ import click
 
 from shared import exit_codes
 from shared.cli_options import build_settings, settings_options
+from shared.keys import KeyFileError
 from shared.logs import configure_logging
+from shared.sealing import SealError
 from shared.models import resolve_model_dir
 from shared.registry import Registry, RegistryError
 from shared.settings import SiloSettings
@@ -33,11 +35,15 @@ def silo(**options: object) -> None:
     try:
         model_dir = resolve_model_dir(settings.model)
         agent = SiloAgent(settings, registry, model_dir)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, KeyFileError) as exc:
         log.error("%s", exc)
         sys.exit(exit_codes.CONFIG)
     try:
         sys.exit(agent.run())
+    except SealError as exc:  # e.g. the trunk's key is not the one pinned in our settings
+        log.error("refusing to train: %s", exc)
+        registry.leave("silo", settings.silo_id, status="failed")
+        sys.exit(exit_codes.CONFIG if exc.reason in ("fingerprint_mismatch", "bad_ack") else exit_codes.PEER)
     except PeerError as exc:
         log.error("%s", exc)
         registry.leave("silo", settings.silo_id, status="failed")

@@ -14,6 +14,7 @@ import click  # noqa: E402
 from broker.cli import broker  # noqa: E402
 from silo_agent.cli import silo
 from splitfed.demo.command import demo
+from splitfed.keys_command import keys
 from trunk_worker.cli import trunk
 
 
@@ -27,3 +28,4 @@ main.add_command(broker)
 main.add_command(trunk)
 main.add_command(silo)
 main.add_command(demo)
+main.add_command(keys)

@@ -20,6 +20,7 @@ import pytest
 import torch
 import zmq
 
+from shared import keys as keystore
 from shared.centralized import centralized_serial
 from shared.models import resolve_model_dir
 from shared.protocol import Kind
@@ -89,11 +90,14 @@ def test_live_roles_survive_bad_frames_and_honest_silo_is_unaffected(redis_prefi
     registry.create_run({"mode": "serial", "silos": "silo0", "local_steps": 4})
     front, back = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
     env = role_env(redis_prefix, run_id, tiny_dir.parent.parent)
+    trunk_keys = keystore.generate_trunk_keys(tmp_path / "trunk-keys")
+    silo_keys = keystore.generate_silo_keys(tmp_path / "silo-keys")
+    keystore.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
     data = tmp_path / "silo0.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Item {i}:", "completion": f" answer {i % 3}"}) + "\n" for i in range(16)))
     procs = [
         _start(["broker", "--frontend-bind", front, "--backend-bind", back], env, tmp_path / "broker.log"),
-        _start(["trunk", "--broker-backend", back], env, tmp_path / "trunk.log"),
+        _start(["trunk", "--broker-backend", back, "--keys-dir", str(tmp_path / "trunk-keys")], env, tmp_path / "trunk.log"),
     ]
     ctx = zmq.Context.instance()
     evil = ctx.socket(zmq.DEALER)
@@ -137,7 +141,8 @@ def test_live_roles_survive_bad_frames_and_honest_silo_is_unaffected(redis_prefi
         # 5. the honest silo trains while all of that happened; its losses equal the reference
         results = tmp_path / "silo0.json"
         silo = _start(["silo", "--broker-frontend", front, "--silo-id", "silo0", "--data", str(data), "--steps", "4",
-                       "--local-steps", "4", "--batch-size", "2", "--max-length", "32", "--results", str(results)],
+                       "--local-steps", "4", "--batch-size", "2", "--max-length", "32", "--results", str(results),
+                       "--keys-dir", str(tmp_path / "silo-keys"), "--trunk-fingerprint", trunk_keys.fingerprint],
                       env, tmp_path / "silo0.log")
         assert silo.wait(timeout=300) == 0, (tmp_path / "silo0.log").read_text()
         assert all(p.poll() is None for p in procs), "broker or trunk died"

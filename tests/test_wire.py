@@ -50,11 +50,27 @@ def test_forward_round_trip_is_bit_exact(dtype):
                            b.view(torch.uint8) if b.dtype != torch.uint8 else b)
 
 
-@pytest.mark.parametrize("kind", [Kind.FORWARD_RESULT, Kind.BACKWARD, Kind.BACKWARD_RESULT])
+@pytest.mark.parametrize("kind", [Kind.FORWARD_RESULT, Kind.BACKWARD])
 def test_hidden_only_kinds_round_trip(kind):
     t = torch.randn(3, 4, 16)
     back = message_from_wire(to_bytes(message_to_wire(Message(kind, "r", "s", tensors=[t]))))
     assert back.kind == kind and torch.equal(back.tensors[0], t)
+
+
+def test_backward_result_carries_the_applied_counter():
+    msg = Message(Kind.BACKWARD_RESULT, "r", "s", tensors=[torch.randn(1, 2, 8), torch.tensor([41])])
+    back = message_from_wire(to_bytes(message_to_wire(msg)))
+    assert int(back.tensors[1][0]) == 41
+    bad = Message(Kind.BACKWARD_RESULT, "r", "s", tensors=[torch.randn(1, 2, 8)])
+    rejected(to_bytes(message_to_wire(bad)), "schema")
+
+
+@pytest.mark.parametrize("kind", [Kind.HELLO, Kind.HELLO_ACK])
+def test_handshake_kinds_carry_one_bounded_byte_vector(kind):
+    hello = torch.arange(196, dtype=torch.int64).to(torch.uint8)
+    assert torch.equal(message_from_wire(to_bytes(message_to_wire(Message(kind, "r", "s", tensors=[hello])))).tensors[0], hello)
+    rejected(to_bytes(message_to_wire(Message(kind, "r", "s", tensors=[torch.zeros(300, dtype=torch.uint8)]))), "schema")
+    rejected(to_bytes(message_to_wire(Message(kind, "r", "s", tensors=[torch.zeros(2, 3, dtype=torch.uint8)]))), "schema")
 
 
 @pytest.mark.parametrize("kind", [Kind.READY, Kind.HEARTBEAT, Kind.DISCONNECT])

@@ -9,6 +9,7 @@ import click
 
 from shared import exit_codes
 from shared.cli_options import build_settings, settings_options
+from shared.keys import KeyFileError, KeyStoreError
 from shared.logs import configure_logging
 from shared.models import resolve_model_dir
 from shared.registry import Registry, RegistryError
@@ -32,7 +33,8 @@ def trunk(**options: object) -> None:
         sys.exit(exit_codes.REDIS_UNAVAILABLE)
     try:
         model_dir = resolve_model_dir(settings.model)
-    except (FileNotFoundError, ValueError) as exc:
+        worker = TrunkWorker(settings, registry, model_dir)
+    except (FileNotFoundError, ValueError, KeyFileError, KeyStoreError) as exc:
         log.error("%s", exc)
         sys.exit(exit_codes.CONFIG)
-    sys.exit(TrunkWorker(settings, registry, model_dir).run())
+    sys.exit(worker.run())

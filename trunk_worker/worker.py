@@ -20,8 +20,11 @@ from shared.optim import make_optimizer
 from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.registry import Heartbeat, Registry
 from shared.settings import TrunkSettings
+from shared import keys as keystore
 from shared.codec import PlainCodec
-from shared.wire import FrameError, Message
+from shared.sealed_codec import SealedCodec
+from shared.sealing import HelloGuard, SealError, accept_hello
+from shared.wire import FrameError, Message, header_from_wire
 
 log = logging.getLogger("trunk")
 
@@ -50,12 +53,27 @@ class TrunkWorker:
         self.pending: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.updates = 0
         self._stopping = False
-        self.codec = PlainCodec(settings.max_tensor_bytes)  # the sealing layer replaces this
+        self.codec = self._make_codec(settings, registry)
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, settings.worker_id.encode())
         self.sock.connect(settings.broker_backend)
+
+    def _make_codec(self, settings: TrunkSettings, registry: Registry):
+        if not settings.encryption:
+            log.warning("encryption is OFF: activations and gradients cross the network in the clear")
+            return PlainCodec(settings.max_tensor_bytes)
+        if settings.keys_dir is None:
+            raise ValueError("encryption is on: pass --keys-dir with the trunk service key "
+                             "(make one with `splitfed keys gen --role trunk --out DIR`)")
+        self.keys = keystore.load_trunk_keys(settings.keys_dir)
+        keystore.publish_trunk_key(registry, self.keys.x25519_public)
+        # Workers of one service share its key: each seals under its own nonce slot.
+        self.sender_slot = keystore.claim_sender_slot(registry)
+        self.hello_guard = HelloGuard()
+        log.info("trunk service key %s", keystore.display_fingerprint(self.keys.fingerprint))
+        return SealedCodec(settings.max_tensor_bytes)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
@@ -82,27 +100,46 @@ class TrunkWorker:
     def handle(self, frames: list) -> None:
         try:
             msg = self.codec.decode(frames)
-        except FrameError as exc:
-            self.registry.count_rejected(exc.reason)
-            log.warning("rejected frame: %s", exc)
-            return
-        if msg.run_id != self.settings.run_id:
-            self.registry.count_rejected("wrong_run")
-            log.warning("rejected %s for run %s", msg.kind.name, msg.run_id)
-            return
-        try:
+            if msg.run_id != self.settings.run_id:
+                raise StepError("wrong_run", f"frame for run {msg.run_id}")
             if msg.kind == Kind.FORWARD:
                 self._send(self.forward(msg))
             elif msg.kind == Kind.BACKWARD:
                 self._send(self.backward(msg))
+            elif msg.kind == Kind.HELLO:
+                self._send(self.hello(msg))
             elif msg.kind in (Kind.READY, Kind.HEARTBEAT):
                 pass  # the broker acknowledging us
             else:
                 raise StepError("unexpected_kind", msg.kind.name)
-        except StepError as exc:
+        except (FrameError, StepError) as exc:
             self.registry.count_rejected(exc.reason)
-            log.warning("step %s/%d rejected: %s", msg.silo_id, msg.step, exc)
-            self._send(Message(Kind.ERROR, msg.run_id, msg.silo_id, msg.round, msg.step, text=str(exc)))
+            log.warning("rejected: %s", exc)
+            self._refuse(frames, str(exc))
+
+    def _refuse(self, frames: list, reason: str) -> None:
+        """Tell the silo named in the header why (in the clear: an ERROR carries no data)."""
+        try:
+            h = header_from_wire(frames[0], self.settings.max_tensor_bytes)
+        except (FrameError, IndexError):
+            return  # nobody to answer
+        if h.kind != Kind.ERROR and h.run_id == self.settings.run_id:
+            self._send(Message(Kind.ERROR, h.run_id, h.silo_id, h.round, h.step, text=reason))
+
+    def hello(self, msg: Message) -> Message:
+        """A silo's handshake for this round: verify it against the allow-list, keep the session."""
+        if not isinstance(self.codec, SealedCodec):
+            raise StepError("encryption_off", "this trunk runs without encryption; start the silo with --encryption false")
+        session = accept_hello(
+            bytes(msg.tensors[0].numpy()), self.keys, lambda silo: keystore.lookup(self.registry, silo),
+            self.settings.run_id, allowed_ciphers=(self.settings.cipher,), guard=self.hello_guard,
+            sender_slot=self.sender_slot, max_tensor_bytes=self.settings.max_tensor_bytes)
+        if (session.silo_id, session.round) != (msg.silo_id, msg.round):
+            raise SealError("wrong_session", "hello contents do not match its header")
+        self.codec.sessions.add(session)
+        log.info("session with %s for round %d (%s)", session.silo_id, session.round, session.cipher)
+        ack = torch.frombuffer(bytearray(session.ack()), dtype=torch.uint8)
+        return Message(Kind.HELLO_ACK, msg.run_id, msg.silo_id, msg.round, msg.step, tensors=[ack])
 
     # ------------------------------------------------------------------ the two halves of a step
     def forward(self, msg: Message) -> Message:
@@ -130,8 +167,9 @@ class TrunkWorker:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
-        return Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step, seq=self.updates,
-                       tensors=[h1.grad.to(self.wire_dtype)])
+        applied = torch.tensor([self.updates], dtype=torch.int64)
+        return Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
+                       tensors=[h1.grad.to(self.wire_dtype), applied])
 
     def _remember(self, key, h1, h2) -> None:
         self.pending[key] = (h1, h2)

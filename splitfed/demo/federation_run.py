@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared import keys as keystore
 from shared.bbc import demo_examples, split_for_silos
 from shared.registry import Registry
 
@@ -31,6 +32,7 @@ class DemoConfig:
     head_layers: int = 1
     tail_layers: int = 1
     step_timeout_s: float = 300.0
+    encryption: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def model_env(self) -> dict[str, str]:
@@ -39,6 +41,7 @@ class DemoConfig:
             "SPLITFED_MODEL": self.model, "SPLITFED_SEED": str(self.seed), "SPLITFED_ADAPTER": self.adapter,
             "SPLITFED_LR": repr(self.lr), "SPLITFED_WIRE_DTYPE": self.wire_dtype,
             "SPLITFED_HEAD_LAYERS": str(self.head_layers), "SPLITFED_TAIL_LAYERS": str(self.tail_layers),
+            "SPLITFED_ENCRYPTION": str(self.encryption).lower(),
             **self.extra_env,
         }
 
@@ -63,18 +66,35 @@ def write_silo_data(run_dir: Path, cfg: DemoConfig) -> list[Path]:
     return paths
 
 
-def launch(fed, cfg: DemoConfig, run_id: str, ports: tuple[int, int], data: list[Path], run_dir: Path) -> None:
+def make_throwaway_keys(run_dir: Path, cfg: DemoConfig, registry: Registry) -> dict[str, dict[str, str]]:
+    """Fresh keys for this run only: a trunk service key, and one enrolled key set per silo.
+
+    Returns each role's extra environment (its key directory; the silos' pinned trunk fingerprint).
+    """
+    if not cfg.encryption:
+        return {}
+    trunk = keystore.generate_trunk_keys(run_dir / "keys" / "trunk")
+    env = {"trunk": {"SPLITFED_KEYS_DIR": str(run_dir / "keys" / "trunk")}}
+    for sid in cfg.silo_ids:
+        silo = keystore.generate_silo_keys(run_dir / "keys" / sid)
+        keystore.enroll(registry, sid, silo.identity_public, silo.x25519_public)
+        env[sid] = {"SPLITFED_KEYS_DIR": str(run_dir / "keys" / sid), "SPLITFED_TRUNK_FINGERPRINT": trunk.fingerprint}
+    return env
+
+
+def launch(fed, cfg: DemoConfig, ports: tuple[int, int], data: list[Path], run_dir: Path,
+           keys_env: dict[str, dict[str, str]]) -> None:
     front, back = (f"tcp://127.0.0.1:{p}" for p in ports)
     fed.start("broker", ["broker", "--frontend-bind", front, "--backend-bind", back, "--mode", cfg.mode,
                          "--silos", ",".join(cfg.silo_ids)])
-    fed.start("trunk", ["trunk", "--broker-backend", back, "--worker-id", "trunk0"])
+    fed.start("trunk", ["trunk", "--broker-backend", back, "--worker-id", "trunk0"], env=keys_env.get("trunk"))
     for i, sid in enumerate(cfg.silo_ids):
         fed.start(sid, ["silo", "--broker-frontend", front, "--silo-id", sid, "--silo-index", str(i),
                         "--data", str(data[i]), "--steps", str(cfg.steps), "--local-steps", str(cfg.local_steps),
                         "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length),
                         "--step-timeout-s", str(cfg.step_timeout_s),
                         "--results", str(run_dir / "results" / f"{sid}.json"),
-                        "--save-dir", str(run_dir / "weights")])
+                        "--save-dir", str(run_dir / "weights")], env=keys_env.get(sid))
 
 
 class Progress:
@@ -114,14 +134,16 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def collect_losses(run_dir: Path, cfg: DemoConfig) -> tuple[list[dict], float]:
-    """All silos' steps in the order the trunk applied them (its update counter), and the
-    training time (the longest silo's, from registration to its last step: no start-up)."""
-    rows, train_s = [], 0.0
+def collect_losses(run_dir: Path, cfg: DemoConfig) -> tuple[list[dict], float, float]:
+    """All silos' steps in the order the trunk applied them (its update counter), the training
+    time (the longest silo's, from registration to its last step: no start-up), and the seconds
+    all silos spent sealing and opening frames."""
+    rows, train_s, crypto_s = [], 0.0, 0.0
     for sid in cfg.silo_ids:
         doc = json.loads((run_dir / "results" / f"{sid}.json").read_text())
         train_s = max(train_s, doc["wall_s"])
+        crypto_s += doc.get("crypto_s", 0.0)
         for h in doc["steps"]:
             rows.append({"silo": sid, "silo_index": doc["silo_index"], **h})
     rows.sort(key=lambda r: r["trunk_seq"])
-    return rows, train_s
+    return rows, train_s, crypto_s

@@ -1,0 +1,66 @@
+"""Sealed codecs: the silo's and the trunk's side of end-to-end encryption, behind shared.codec.
+
+Handshake messages (HELLO, HELLO_ACK) and ERROR/control messages travel in the clear; every
+message that carries training data is sealed with the session of its (silo, round). Receiving an
+unsealed data message, or one for which no session exists, is a FrameError like any other bad frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from shared.protocol import Kind
+from shared.sealing import SealError, Session, open_message, seal_message
+from shared.wire import Message, message_from_wire, message_to_wire, split_frames
+
+CLEAR_KINDS = frozenset({Kind.READY, Kind.HEARTBEAT, Kind.ERROR, Kind.DISCONNECT, Kind.HELLO, Kind.HELLO_ACK})
+KEEP_ROUNDS = 2  # sessions of the current and the previous round (late replies of the last round)
+
+
+class SessionTable:
+    """Sessions by (silo, round); older rounds are forgotten as new ones arrive (rekey per round)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, int], Session] = {}
+        self.retired_crypto_s = 0.0  # cipher time of forgotten sessions, for the crypto share
+
+    def add(self, session: Session) -> None:
+        self._sessions[(session.silo_id, session.round)] = session
+        stale = [k for k in self._sessions if k[0] == session.silo_id and k[1] <= session.round - KEEP_ROUNDS]
+        for k in stale:
+            old = self._sessions.pop(k)
+            self.retired_crypto_s += old.stats["seal_s"] + old.stats["open_s"]
+
+    def get(self, silo_id: str, round_no: int) -> Session:
+        session = self._sessions.get((silo_id, round_no))
+        if session is None:
+            raise SealError("no_session", f"no session for {silo_id} round {round_no} (send a HELLO first)")
+        return session
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+
+class SealedCodec:
+    """Seals data messages with the session of (msg.silo_id, msg.round); opens likewise."""
+
+    def __init__(self, max_tensor_bytes: int) -> None:
+        self.max_tensor_bytes = max_tensor_bytes
+        self.sessions = SessionTable()
+
+    def encode(self, msg: Message) -> list:
+        if msg.kind in CLEAR_KINDS:
+            return message_to_wire(msg)
+        return seal_message(self.sessions.get(msg.silo_id, msg.round), msg)
+
+    def decode(self, frames: Sequence) -> Message:
+        header, *_ = split_frames(frames, self.max_tensor_bytes)
+        if not header.sealed:
+            if header.kind not in CLEAR_KINDS:
+                raise SealError("not_sealed", f"{header.kind.name} must be sealed")
+            return message_from_wire(frames, self.max_tensor_bytes)
+        return open_message(self.sessions.get(header.silo_id, header.round), frames, self.max_tensor_bytes)
+
+    def crypto_seconds(self) -> float:
+        live = sum(s.stats["seal_s"] + s.stats["open_s"] for s in self.sessions.all())
+        return self.sessions.retired_crypto_s + live

@@ -1,0 +1,107 @@
+"""`splitfed keys`: generate key pairs, show fingerprints, enroll / list / revoke silos of a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from shared import keys as keystore
+from shared.cli_options import build_settings, settings_options
+from shared.registry import Registry, RegistryError
+from shared.settings import CommonSettings
+
+
+def _registry(options: dict) -> Registry:
+    settings = build_settings(CommonSettings, options)
+    registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
+    try:
+        registry.ping()
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from None
+    return registry
+
+
+@click.group("keys")
+def keys() -> None:
+    """Key material of silos and the trunk service, and the run's allow-list of silos."""
+
+
+@keys.command("gen")
+@click.option("--role", type=click.Choice(["silo", "trunk"]), required=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="directory for the key files")
+@click.option("--force", is_flag=True, help="overwrite existing keys in --out")
+def gen(role: str, out_dir: Path, force: bool) -> None:
+    """Generate keys (private files mode 0600, never printed); print the public fingerprint."""
+    try:
+        if role == "silo":
+            k = keystore.generate_silo_keys(out_dir, overwrite=force)
+            fp = keystore.fingerprint(k.identity_public)
+        else:
+            k = keystore.generate_trunk_keys(out_dir, overwrite=force)
+            fp = k.fingerprint
+    except (keystore.KeyFileError, FileExistsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{role} keys written to {out_dir}")
+    click.echo(f"fingerprint: {fp}")
+    if role == "trunk":
+        click.echo("silos pin it with --trunk-fingerprint (SPLITFED_TRUNK_FINGERPRINT)")
+    else:
+        click.echo(f"enroll it: splitfed keys enroll --silo-id ID --keys-dir {out_dir}")
+
+
+@keys.command("fingerprint")
+@click.argument("key_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+def show_fingerprint(key_dir: Path) -> None:
+    """Print the fingerprint of the public keys in KEY_DIR (trunk: x25519; silo: identity)."""
+    try:
+        if (key_dir / "ed25519.pub").exists():
+            ed, _ = keystore.load_silo_public(key_dir)
+            click.echo(keystore.fingerprint(ed))
+        else:
+            click.echo(keystore.fingerprint(keystore.load_public(key_dir / "x25519.pub")))
+    except (keystore.KeyFileError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@keys.command("enroll")
+@click.option("--silo-id", required=True)
+@click.option("--keys-dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
+              help="directory holding the silo's public keys (ed25519.pub, x25519.pub)")
+@click.option("--replace", is_flag=True, help="replace different keys, or re-admit a revoked silo")
+@settings_options(CommonSettings)
+def enroll(silo_id: str, keys_dir: Path, replace: bool, **options) -> None:
+    """Add a silo's public keys to the run's allow-list in Redis."""
+    registry = _registry(options)
+    try:
+        ed, x = keystore.load_silo_public(keys_dir)
+        entry = keystore.enroll(registry, silo_id, ed, x, replace=replace)
+    except (keystore.KeyFileError, keystore.KeyStoreError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"enrolled {silo_id} in run {registry.run_id}: {entry.fingerprint}")
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@settings_options(CommonSettings)
+def list_cmd(as_json: bool, **options) -> None:
+    """List the run's enrolled (and revoked) silos."""
+    entries = keystore.list_enrolled(_registry(options))
+    if as_json:
+        click.echo(json.dumps(entries, indent=1))
+        return
+    if not entries:
+        click.echo("no silo is enrolled in this run")
+    for e in entries:
+        click.echo(f"{e['silo_id']:<16} {e['status']:<9} {e['identity_fingerprint']}")
+
+
+@keys.command("revoke")
+@click.option("--silo-id", required=True)
+@settings_options(CommonSettings)
+def revoke(silo_id: str, **options) -> None:
+    """Revoke a silo: its next handshake (at the latest, next round) is refused."""
+    if not keystore.revoke(_registry(options), silo_id):
+        raise click.ClickException(f"{silo_id} is not enrolled in this run")
+    click.echo(f"revoked {silo_id}")
