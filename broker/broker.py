@@ -22,10 +22,12 @@ from dataclasses import dataclass
 import zmq
 
 from broker.serial import SerialScheduler
+from shared import keys as keystore
 from shared.protocol import Kind
 from shared.registry import Heartbeat, Registry
 from shared.settings import BrokerSettings
-from shared.wire import FrameError, Header, Message, message_to_wire, split_frames
+from shared.registration import verify_registration
+from shared.wire import FrameError, Header, Message, message_from_wire, message_to_wire, split_frames
 
 log = logging.getLogger("broker")
 
@@ -50,6 +52,8 @@ class Broker:
         self.local_steps = local_steps
         self.scheduler = SerialScheduler(self.silos)
         self.silo_identity: dict[str, bytes] = {}
+        self.silo_seen: dict[str, float] = {}  # last frame from each silo's registered connection
+        self.ready_ts: dict[str, int] = {}  # newest accepted registration token per silo
         self.workers: dict[str, Worker] = {}
         self._next_worker = 0
         self.step_worker: dict[str, str] = {}  # silo -> worker holding its open step's graph
@@ -119,7 +123,25 @@ class Broker:
             self._reject("unknown_silo", f"silo {silo!r} is not a member of run {self.run_id}", self.frontend, identity, header)
             return
         if header.kind == Kind.READY:
+            known = self.silo_identity.get(silo)
+            if self.settings.encryption:
+                # Only the holder of the enrolled identity key registers as this silo, so a genuine
+                # (e.g. restarted) silo takes its id back at once and nobody else can squat it.
+                try:
+                    self.ready_ts[silo] = self._verify_ready(frames, silo)
+                except FrameError as exc:
+                    self._reject(exc.reason, exc.detail, self.frontend, identity, header)
+                    return
+                known = None
+            silent_s = time.monotonic() - self.silo_seen.get(silo, 0.0)
+            if known is not None and known != identity and silent_s < self.settings.liveness_ttl_s:
+                # A live silo keeps its connection: another peer may not take its place. A restarted
+                # silo gets it once the old connection has been silent for liveness_ttl_s.
+                self._reject("identity_taken", f"{silo} is registered on another connection that is alive",
+                             self.frontend, identity, header)
+                return
             self.silo_identity[silo] = identity
+            self.silo_seen[silo] = time.monotonic()
             self.left.discard(silo)
             self._send(self.frontend, identity, Message(Kind.READY, self.run_id, silo))
             log.info("silo %s ready", silo)
@@ -128,13 +150,15 @@ class Broker:
             # A peer may not speak for a silo it did not register as.
             self._reject("identity_mismatch", f"frame for {silo!r} from another connection", self.frontend, identity, header)
             return
+        self.silo_seen[silo] = time.monotonic()
         if header.kind == Kind.HELLO:
             self.latest_hello[silo] = frames
             self.acked.discard((silo, header.round))
             for worker in self.workers.values():
                 self._forward_to_worker(worker, frames)
         elif header.kind == Kind.FORWARD:
-            self.scheduler.submit(silo, frames)
+            if not self.scheduler.submit(silo, frames):
+                self._reject("queue_full", f"too many FORWARDs waiting for {silo}'s turn", self.frontend, identity, header)
         elif header.kind == Kind.BACKWARD:
             worker = self.step_worker.get(silo)
             if worker is None or worker not in self.workers:
@@ -150,6 +174,13 @@ class Broker:
             pass
         else:
             self._reject("unexpected_kind", f"{header.kind.name} from a silo", self.frontend, identity, header)
+
+    def _verify_ready(self, frames: list, silo: str) -> int:
+        msg = message_from_wire([f.buffer for f in frames], self.settings.max_tensor_bytes)
+        if not msg.tensors:
+            raise FrameError("bad_registration", f"READY for {silo} carries no signed registration token")
+        return verify_registration(bytes(msg.tensors[0].numpy()), self.run_id, silo,
+                                   lambda s: keystore.lookup(self.registry, s), self.ready_ts.get(silo))
 
     # ------------------------------------------------------------------ trunk side
     def process_trunk(self, identity: bytes, frames: list) -> None:
@@ -211,9 +242,10 @@ class Broker:
 
     def _route(self, sock: zmq.Socket, identity: bytes, frames: list) -> None:
         try:
-            sock.send_multipart([identity, *frames], copy=False)
+            # NOBLOCK: a peer that stops reading must never stall the broker for everyone else.
+            sock.send_multipart([identity, *frames], copy=False, flags=zmq.NOBLOCK)
             self.stats["routed"] += 1
-        except zmq.ZMQError as exc:  # peer went away (ROUTER_MANDATORY)
+        except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue is full (EAGAIN)
             log.warning("could not route to %r: %s", identity, exc)
             self.registry.count_rejected("unroutable")
 

@@ -11,7 +11,7 @@ from collections import deque
 
 
 class SerialScheduler:
-    def __init__(self, order: list[str]) -> None:
+    def __init__(self, order: list[str], max_waiting: int = 4) -> None:
         if not order:
             raise ValueError("serial mode needs at least one silo")
         self.order = list(order)
@@ -19,6 +19,7 @@ class SerialScheduler:
         self._done: set[str] = set()
         self._waiting: dict[str, deque] = {s: deque() for s in order}
         self.in_flight: str | None = None
+        self.max_waiting = max_waiting  # a silo has one step open at a time: more is misbehaviour
 
     @property
     def current(self) -> str | None:
@@ -30,9 +31,12 @@ class SerialScheduler:
     def finished(self) -> bool:
         return self.current is None
 
-    def submit(self, silo: str, item: object) -> None:
-        """Queue a silo's FORWARD until its turn comes."""
+    def submit(self, silo: str, item: object) -> bool:
+        """Queue a silo's FORWARD until its turn comes; False (refused) when its queue is full."""
+        if len(self._waiting[silo]) >= self.max_waiting:
+            return False
         self._waiting[silo].append(item)
+        return True
 
     def next_dispatch(self) -> tuple[str, object] | None:
         """The FORWARD to send now, if the silo whose turn it is has one waiting and none is in flight."""

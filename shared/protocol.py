@@ -28,7 +28,8 @@ class Kind(enum.IntEnum):
     """Message kinds and the frames each carries after the header (see shared/wire.py).
 
     READY            peer -> broker: register (silo_id = the silo, or the worker id for a trunk
-                     worker); broker -> peer: accepted. No tensors; optional text (worker: mode).
+                     worker); broker -> peer: accepted. A silo's READY carries its signed
+                     registration token, uint8[120] (shared/registration.py) when encryption is on.
     HEARTBEAT        either way, no tensors: liveness.
     FORWARD          silo -> trunk: hidden h1 float[B,T,H], mask uint8[B,T], positions int[B,T].
     FORWARD_RESULT   trunk -> silo: hidden h2 float[B,T,H].

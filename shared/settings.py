@@ -70,6 +70,7 @@ class BrokerSettings(CommonSettings):
     backend_bind: str = Field("tcp://127.0.0.1:5556", description="address trunk workers connect to")
     mode: Mode = Field("serial", description="training mode")
     silos: str = Field("", description="comma-separated silo ids of the run (empty: read from Redis run metadata)")
+    encryption: bool = Field(True, description="silos must register with a token signed by their enrolled identity")
 
 
 class TrunkSettings(CryptoSettings):

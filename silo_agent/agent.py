@@ -35,6 +35,7 @@ from shared.tokenizer import load_tokenizer
 from shared import keys as keystore
 from shared.codec import PlainCodec
 from shared.sealed_codec import SealedCodec
+from shared.registration import sign_registration
 from shared.sealing import make_hello
 from shared.wire import FrameError, Message
 
@@ -118,9 +119,25 @@ class SiloAgent:
         return 0
 
     def _register(self) -> None:
+        """READY until accepted. After a restart the broker may still hold our old connection:
+        it frees the id once that one has been silent for liveness_ttl_s, so retry with back-off."""
         s = self.settings
-        self._send(Message(Kind.READY, s.run_id, s.silo_id))
-        self._await(Kind.READY, step=0)
+        delay, deadline = 0.25, time.monotonic() + 3 * s.liveness_ttl_s
+        while True:
+            token = []
+            if isinstance(self.codec, SealedCodec):  # prove we hold the enrolled identity
+                raw = sign_registration(self.keys, s.run_id, s.silo_id)
+                token = [torch.frombuffer(bytearray(raw), dtype=torch.uint8)]
+            self._send(Message(Kind.READY, s.run_id, s.silo_id, tensors=token))
+            try:
+                self._await(Kind.READY, step=0)
+                break
+            except PeerError as exc:
+                if "identity_taken" not in str(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.info("the broker still holds %s's previous connection; retrying in %.2fs", s.silo_id, delay)
+                time.sleep(delay)
+                delay *= 2
         log.info("silo %s registered with the broker (%d examples)", s.silo_id, self.dataset.num_examples)
 
     # ------------------------------------------------------------------ one training step
@@ -164,13 +181,16 @@ class SiloAgent:
 
     def _await(self, kind: Kind, step: int) -> Message:
         """Wait for ``kind`` of ``step``; stale or malformed replies are dropped, ERROR raises."""
-        deadline = time.monotonic() + self.settings.step_timeout_s
+        s = self.settings
+        deadline = time.monotonic() + s.step_timeout_s
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
-                raise PeerError(f"no {kind.name} for step {step} within {self.settings.step_timeout_s:.0f}s "
-                                f"(is the broker at {self.settings.broker_frontend} up, with a trunk worker?)")
-            if not self.sock.poll(min(left_ms, 1000)):
+                raise PeerError(f"no {kind.name} for step {step} within {s.step_timeout_s:.0f}s "
+                                f"(is the broker at {s.broker_frontend} up, with a trunk worker?)")
+            if not self.sock.poll(min(left_ms, int(s.heartbeat_s * 1000))):
+                # Waiting for our turn: tell the broker this connection is alive.
+                self._send(Message(Kind.HEARTBEAT, s.run_id, s.silo_id))
                 continue
             frames = self.sock.recv_multipart(copy=False)
             try:

@@ -62,7 +62,7 @@ class Federation:
         self.registry.create_run({"mode": "serial", "silos": "silo0", "local_steps": 2})
         self.front, back = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
         settings = BrokerSettings(redis_url=REDIS_URL, key_prefix=prefix, run_id=RUN,
-                                  frontend_bind=self.front, backend_bind=back)
+                                  frontend_bind=self.front, backend_bind=back, encryption=encryption)
         self.broker = TappedBroker(settings, self.registry, ["silo0"], 2)
         self.thread = threading.Thread(target=self.broker.run, daemon=True)
         self.thread.start()
@@ -108,7 +108,7 @@ def test_enrollment_revocation_and_pinning(enc_federation, tmp_path):
     fed = enc_federation
     silo_keys = keystore.generate_silo_keys(tmp_path / "silo-keys")
 
-    # not enrolled: the trunk refuses the handshake, the silo stops with the reason
+    # not enrolled: the broker refuses its registration, the silo stops with the reason
     proc = fed.silo(tmp_path / "silo-keys", fed.trunk_keys.fingerprint)
     assert proc.returncode == 5 and "unknown_silo" in proc.stderr, proc.stderr
 
@@ -127,14 +127,14 @@ def test_enrollment_revocation_and_pinning(enc_federation, tmp_path):
     proc = fed.silo(tmp_path / "silo-keys", fed.trunk_keys.fingerprint)
     assert proc.returncode == 5 and "revoked" in proc.stderr, proc.stderr
 
-    # another silo's keys cannot speak for silo0 (signature does not match the enrollment)
+    # another silo's keys cannot register as silo0 (signature does not match the enrollment)
     keystore.enroll(fed.registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public, replace=True)
     keystore.generate_silo_keys(tmp_path / "mallory-keys")
     proc = fed.silo(tmp_path / "mallory-keys", fed.trunk_keys.fingerprint)
-    assert proc.returncode == 5 and "bad_hello_signature" in proc.stderr, proc.stderr
+    assert proc.returncode == 5 and "not signed by its enrolled identity" in proc.stderr, proc.stderr
 
     rejected = fed.registry.rejected()
-    for reason in ("unknown_silo", "revoked", "bad_hello_signature"):
+    for reason in ("unknown_silo", "revoked", "bad_registration"):
         assert rejected.get(reason, 0) >= 1, rejected
     assert fed.trunk.poll() is None, "the trunk worker must keep serving"
 

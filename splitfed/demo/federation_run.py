@@ -41,7 +41,7 @@ class DemoConfig:
             "SPLITFED_MODEL": self.model, "SPLITFED_SEED": str(self.seed), "SPLITFED_ADAPTER": self.adapter,
             "SPLITFED_LR": repr(self.lr), "SPLITFED_WIRE_DTYPE": self.wire_dtype,
             "SPLITFED_HEAD_LAYERS": str(self.head_layers), "SPLITFED_TAIL_LAYERS": str(self.tail_layers),
-            "SPLITFED_ENCRYPTION": str(self.encryption).lower(),
+            "SPLITFED_ENCRYPTION": str(self.encryption).lower(),  # broker: signed registration
             **self.extra_env,
         }
 
