@@ -25,6 +25,7 @@ from broker.serial import SerialScheduler
 from shared import keys as keystore
 from shared.protocol import Kind
 from shared.registry import Heartbeat, Registry
+from shared.transport import ServerSecurity
 from shared.settings import BrokerSettings
 from shared.registration import verify_registration
 from shared.wire import FrameError, Header, Message, message_from_wire, message_to_wire, split_frames
@@ -68,6 +69,7 @@ class Broker:
         self._stopping = False
 
         self.ctx = zmq.Context.instance()
+        self.security = ServerSecurity(self.ctx, settings.curve, settings.curve_cert, settings.curve_allow_dir)
         self.frontend = self._bind(settings.frontend_bind)
         self.backend = self._bind(settings.backend_bind)
 
@@ -75,6 +77,7 @@ class Broker:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise instead of vanishing
+        self.security.secure(sock)
         sock.bind(address)
         return sock
 
@@ -103,6 +106,7 @@ class Broker:
             self.registry.leave("broker", "broker", status="stopped")
             self.frontend.close()
             self.backend.close()
+            self.security.stop()
         log.info("broker stopped: routed=%d rejected=%d", self.stats["routed"], self.stats["rejected"])
         return 0
 

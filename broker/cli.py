@@ -13,6 +13,7 @@ from shared.cli_options import build_settings, settings_options
 from shared.logs import configure_logging
 from shared.registry import Registry, RegistryError
 from shared.settings import BrokerSettings
+from shared.transport import TransportError
 
 log = logging.getLogger("broker")
 
@@ -37,7 +38,7 @@ def broker(**options: object) -> None:
     local_steps = int(meta["local_steps"]) if meta.get("local_steps") else None
     try:
         code = Broker(settings, registry, silos, local_steps).run()
-    except NotImplementedError as exc:
+    except (NotImplementedError, TransportError) as exc:
         log.error("%s", exc)
         sys.exit(exit_codes.CONFIG)
     sys.exit(code)

@@ -27,6 +27,8 @@ class CommonSettings(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0, description="liveness heartbeat period (seconds)")
     liveness_ttl_s: int = Field(5, ge=1, description="seconds after the last heartbeat a peer counts as dead")
     max_tensor_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest tensor accepted from the wire")
+    curve: bool = Field(False, description="CurveZMQ on every socket (hop encryption + ZAP allow-list at the broker)")
+    curve_cert: Path | None = Field(None, description="this role's CurveZMQ secret certificate (NAME.key_secret)")
 
     @field_validator("run_id")
     @classmethod
@@ -63,6 +65,7 @@ class CryptoSettings(ModelSettings):
     encryption: bool = Field(True, description="seal every tensor end to end (silo and trunk must agree)")
     cipher: Literal["aes-gcm", "chacha20"] = Field("aes-gcm", description="AEAD (chacha20 for CPUs without AES instructions)")
     keys_dir: Path | None = Field(None, description="this role's key directory (from `splitfed keys gen`)")
+    curve_broker_key: str | None = Field(None, description="the broker's CurveZMQ public key (Z85) or certificate file")
 
 
 class BrokerSettings(CommonSettings):
@@ -71,6 +74,7 @@ class BrokerSettings(CommonSettings):
     mode: Mode = Field("serial", description="training mode")
     silos: str = Field("", description="comma-separated silo ids of the run (empty: read from Redis run metadata)")
     encryption: bool = Field(True, description="silos must register with a token signed by their enrolled identity")
+    curve_allow_dir: Path | None = Field(None, description="directory of client public certificates admitted by ZAP")
 
 
 class TrunkSettings(CryptoSettings):

@@ -30,6 +30,7 @@ from shared.model_split import build_silo_parts, positions_from_mask
 from shared.optim import make_optimizer
 from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.registry import Heartbeat, Registry
+from shared.transport import client_socket
 from shared.settings import SiloSettings
 from shared.tokenizer import load_tokenizer
 from shared import keys as keystore
@@ -66,10 +67,8 @@ class SiloAgent:
         self.codec = self._make_codec(settings)
         self.crypto_s = 0.0
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, settings.silo_id.encode())
-        self.sock.connect(settings.broker_frontend)
+        self.sock = client_socket(self.ctx, settings.silo_id, settings.broker_frontend, settings.curve, settings.curve_cert,
+                                  settings.curve_broker_key)
 
     def _make_codec(self, settings: SiloSettings):
         if not settings.encryption:

@@ -105,3 +105,30 @@ def revoke(silo_id: str, **options) -> None:
     if not keystore.revoke(_registry(options), silo_id):
         raise click.ClickException(f"{silo_id} is not enrolled in this run")
     click.echo(f"revoked {silo_id}")
+
+
+@keys.command("curve")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--name", required=True, help="certificate name, e.g. broker, trunk0, silo3")
+def curve(out_dir: Path, name: str) -> None:
+    """Make a CurveZMQ certificate pair: NAME.key (public, goes in the broker's allow-list) and
+    NAME.key_secret (mode 0600, stays with the role)."""
+    public_file, secret_file = make_curve_certificate(out_dir, name)
+    click.echo(f"public certificate {public_file}\nsecret certificate {secret_file} (mode 0600)")
+
+
+def make_curve_certificate(out_dir: Path, name: str) -> tuple[Path, Path]:
+    import os
+
+    import zmq.auth
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / f"{name}.key_secret").exists():
+        raise click.ClickException(f"{out_dir / name}.key_secret exists; refusing to overwrite")
+    old = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    try:
+        public_file, secret_file = zmq.auth.create_certificates(str(out_dir), name)
+    finally:
+        os.umask(old)
+    os.chmod(public_file, 0o644)
+    return Path(public_file), Path(secret_file)

@@ -19,6 +19,7 @@ from shared.model_split import build_part
 from shared.optim import make_optimizer
 from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.registry import Heartbeat, Registry
+from shared.transport import client_socket
 from shared.settings import TrunkSettings
 from shared import keys as keystore
 from shared.codec import PlainCodec
@@ -55,10 +56,8 @@ class TrunkWorker:
         self._stopping = False
         self.codec = self._make_codec(settings, registry)
         self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, settings.worker_id.encode())
-        self.sock.connect(settings.broker_backend)
+        self.sock = client_socket(self.ctx, settings.worker_id, settings.broker_backend, settings.curve, settings.curve_cert,
+                                  settings.curve_broker_key)
 
     def _make_codec(self, settings: TrunkSettings, registry: Registry):
         if not settings.encryption:
@@ -92,6 +91,8 @@ class TrunkWorker:
                 self.handle([f.buffer for f in frames])
         finally:
             heartbeat.stop()
+            crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
+            self.registry.update("trunk", s.worker_id, updates=self.updates, crypto_s=f"{crypto_s:.6f}")
             self.registry.leave("trunk", s.worker_id, status="stopped")
             self.sock.close()
         log.info("trunk worker stopped after %d updates", self.updates)

@@ -33,6 +33,7 @@ class DemoConfig:
     tail_layers: int = 1
     step_timeout_s: float = 300.0
     encryption: bool = True
+    curve: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def model_env(self) -> dict[str, str]:
@@ -82,11 +83,30 @@ def make_throwaway_keys(run_dir: Path, cfg: DemoConfig, registry: Registry) -> d
     return env
 
 
+def make_curve_certificates(run_dir: Path, cfg: DemoConfig) -> dict[str, dict[str, str]]:
+    """CurveZMQ certificates for every role; the broker admits exactly the trunk and the silos."""
+    if not cfg.curve:
+        return {}
+    from splitfed.keys_command import make_curve_certificate
+
+    root, allow = run_dir / "curve", run_dir / "curve" / "allow"
+    allow.mkdir(parents=True, exist_ok=True)
+    broker_public, broker_secret = make_curve_certificate(root, "broker")
+    env = {"broker": {"SPLITFED_CURVE": "true", "SPLITFED_CURVE_CERT": str(broker_secret),
+                      "SPLITFED_CURVE_ALLOW_DIR": str(allow)}}
+    for name in ["trunk", *cfg.silo_ids]:
+        public, secret = make_curve_certificate(root, name)
+        (allow / public.name).write_bytes(public.read_bytes())
+        env[name] = {"SPLITFED_CURVE": "true", "SPLITFED_CURVE_CERT": str(secret),
+                     "SPLITFED_CURVE_BROKER_KEY": str(broker_public)}
+    return env
+
+
 def launch(fed, cfg: DemoConfig, ports: tuple[int, int], data: list[Path], run_dir: Path,
            keys_env: dict[str, dict[str, str]]) -> None:
     front, back = (f"tcp://127.0.0.1:{p}" for p in ports)
     fed.start("broker", ["broker", "--frontend-bind", front, "--backend-bind", back, "--mode", cfg.mode,
-                         "--silos", ",".join(cfg.silo_ids)])
+                         "--silos", ",".join(cfg.silo_ids)], env=keys_env.get("broker"))
     fed.start("trunk", ["trunk", "--broker-backend", back, "--worker-id", "trunk0"], env=keys_env.get("trunk"))
     for i, sid in enumerate(cfg.silo_ids):
         fed.start(sid, ["silo", "--broker-frontend", front, "--silo-id", sid, "--silo-index", str(i),
