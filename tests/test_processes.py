@@ -44,12 +44,20 @@ def role_env(prefix: str, run_id: str, cache: Path) -> dict[str, str]:
 
 
 def test_demo_matches_centralized_training(redis_prefix, tiny_dir, tmp_path):
+    _golden(redis_prefix, tiny_dir, tmp_path, "lora")
+
+
+def test_demo_with_prefix_tuning_matches_centralized_training(redis_prefix, tiny_dir, tmp_path):
+    _golden(redis_prefix, tiny_dir, tmp_path, "prefix")
+
+
+def _golden(redis_prefix, tiny_dir, tmp_path, adapter: str) -> None:
     out = tmp_path / "out.json"
     env = {**os.environ, "SPLITFED_REDIS_URL": REDIS_URL, "SPLITFED_CACHE_DIR": str(tiny_dir.parent.parent)}
     proc = subprocess.run(
         [sys.executable, "-m", "splitfed", "demo", "--model", "tiny", "--mode", "serial", "--silos", "2",
          "--steps", "6", "--local-steps", "3", "--check-centralized", "--json", str(out),
-         "--key-prefix", redis_prefix, "--run-dir", str(tmp_path / "run")],
+         "--key-prefix", redis_prefix, "--run-dir", str(tmp_path / "run"), "--adapter", adapter],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
