@@ -22,6 +22,8 @@ COMMANDS = {
     "demo": ("splitfed.demo.command", "demo", "A whole local federation in one command."),
     "keys": ("splitfed.keys_command", "keys", "Keys of silos and the trunk service; the run's allow-list."),
     "bench": ("splitfed.bench.command", "bench", "Benchmarks with JSON output."),
+    "status": ("splitfed.status_command", "status", "Live table of a run (or the list of runs) from Redis."),
+    "plot": ("splitfed.plot_command", "plot", "Plot loss per silo (and the centralized reference) from a demo JSON."),
 }
 
 

@@ -106,6 +106,7 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
     finally:
         fed.stop()
         trunk_crypto_s = float(registry.info("trunk", "trunk0").get("crypto_s", 0.0))
+        rejected = registry.rejected()
         registry.set_run_status(status)
         registry.expire_run(RUN_TTL_S)
         if private_redis is not None:
@@ -115,7 +116,7 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
     rows, train_s, crypto_s = collect_losses(run_dir, cfg)
     result = {"mode": cfg.mode, "silos": cfg.silos, "steps": cfg.steps, "local_steps": cfg.local_steps,
               "model": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed, "run_id": run_id,
-              "encryption": cfg.encryption, "curve": cfg.curve,
+              "encryption": cfg.encryption, "curve": cfg.curve, "rejected_frames": rejected,
               "losses": [r["loss"] for r in rows], "schedule": [[r["silo"], r["step"]] for r in rows],
               "wall_s": round(fed_wall, 3), "train_wall_s": round(train_s, 3),
               "silo_crypto_s": round(crypto_s, 4), "trunk_crypto_s": round(trunk_crypto_s, 4),

@@ -16,6 +16,11 @@ def print_summary(result: dict, rows: list[dict]) -> None:
     lines.append("-" * len(header))
     lines.append(f"mode {result['mode']}: {len(rows)} trunk updates, {result['train_wall_s']:.1f}s training "
                  f"({len(rows) / max(result['train_wall_s'], 1e-9):.2f} steps/s), {result['wall_s']:.1f}s with start-up")
+    security = "sealed end to end, rekeyed every round" if result.get("encryption") else "NOT encrypted"
+    if result.get("curve"):
+        security += ", CurveZMQ on every socket"
+    rejected = sum(result.get("rejected_frames", {}).values())
+    lines.append(f"wire: {security}; {rejected} frames rejected")
     if "max_abs_loss_diff" in result:
         diff = result["max_abs_loss_diff"]
         verdict = "MATCH" if diff <= 1e-5 else "DIFFERS"
