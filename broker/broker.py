@@ -84,6 +84,7 @@ class Broker:
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
         self.registry.join("broker", "broker", mode=self.settings.mode, frontend=self.settings.frontend_bind)
+        self.registry.list_run()  # runs created by hand (redis-cli) show up in `splitfed status` too
         heartbeat = Heartbeat(self.registry, "broker", "broker", self.settings.heartbeat_s, self.settings.liveness_ttl_s).start()
         if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -174,6 +175,8 @@ class Broker:
             self.left.add(silo)
             self.scheduler.silo_done(silo)
             self._maybe_commit_rounds()
+            if self.left >= set(self.silos):
+                self.registry.finish_rounds()
         elif header.kind == Kind.HEARTBEAT:
             pass
         else:

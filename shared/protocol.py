@@ -14,8 +14,7 @@ SIGNATURE = b"SPFD"
 PROTOCOL_VERSION = 1
 
 # Identifiers are fixed-width fields in the header: short ASCII names keep it small and fixed-size.
-ID_FIELD_BYTES = 16
-ID_ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+from shared.ids import ID_ALPHABET, ID_FIELD_BYTES  # noqa: E402,F401  (re-exported)
 
 MAX_TENSORS = 4
 MAX_NDIM = 4

@@ -56,6 +56,9 @@ class Registry:
         pipe.sadd(f"{self.prefix}:runs", self.run_id)  # lets `splitfed status` list runs
         pipe.execute()
 
+    def list_run(self) -> None:
+        self.redis.sadd(f"{self.prefix}:runs", self.run_id)
+
     def run_meta(self) -> dict[str, str]:
         return self.redis.hgetall(self.key("meta"))
 
@@ -72,6 +75,10 @@ class Registry:
             self.key("round"),
             mapping={"committed": round_no, "round": round_no + 1, "state": next_state, "updated_at": f"{time.time():.3f}"},
         )
+
+    def finish_rounds(self) -> None:
+        """Every silo has left: no round is open any more."""
+        self.redis.hset(self.key("round"), mapping={"state": "finished", "updated_at": f"{time.time():.3f}"})
 
     # ------------------------------------------------------------------ membership and liveness
     def join(self, role: str, member: str, **fields: Any) -> None:
@@ -145,8 +152,12 @@ def _check_role(role: str) -> None:
 class Heartbeat:
     """Background thread refreshing a liveness key (redis-py clients are thread-safe)."""
 
-    def __init__(self, registry: Registry, role: str, member: str, period_s: float, ttl_s: int) -> None:
+    def __init__(self, registry: Registry, role: str, member: str, period_s: float, ttl_s: int,
+                 status_fn=None) -> None:
+        """``status_fn() -> dict``, when given, is published to the member's hash at each beat
+        (live load for `splitfed status`, off the step's hot path)."""
         self._registry, self._role, self._member = registry, role, member
+        self._status_fn = status_fn
         self._period, self._ttl = period_s, ttl_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{role}-{member}", daemon=True)
@@ -160,6 +171,8 @@ class Heartbeat:
         while not self._stop.wait(self._period):
             try:
                 self._registry.heartbeat(self._role, self._member, self._ttl)
+                if self._status_fn is not None:
+                    self._registry.update(self._role, self._member, **self._status_fn())
             except redis.RedisError as exc:
                 log.warning("heartbeat to Redis failed: %s", exc)
 

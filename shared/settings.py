@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.wire import check_id
+from shared.ids import check_id
 
 Mode = Literal["serial", "client-batch", "hierarchical"]
 

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import torch
 
+from shared.ids import check_id
 from shared.protocol import (
     FLOAT_WIRE_DTYPES,
-    ID_ALPHABET,
     ID_FIELD_BYTES,
     ITEMSIZE,
     MAX_HANDSHAKE_BYTES,
@@ -114,15 +114,6 @@ class Message:
 
 
 # ---------------------------------------------------------------- identifiers
-
-
-def check_id(value: str, what: str = "id") -> str:
-    """Run, silo and worker ids: 1..16 chars of [A-Za-z0-9_.-] (they are fixed header fields)."""
-    if not isinstance(value, str) or not 0 < len(value) <= ID_FIELD_BYTES or not set(value) <= ID_ALPHABET:
-        raise ValueError(
-            f"invalid {what} {value!r}: use 1-{ID_FIELD_BYTES} characters from A-Z a-z 0-9 _ . -"
-        )
-    return value
 
 
 def _id_to_wire(value: str) -> bytes:

@@ -67,7 +67,8 @@ def _golden(redis_prefix, tiny_dir, tmp_path, adapter: str) -> None:
     # serial: silos take turns one step each, and every (silo, step) is applied exactly once
     assert result["schedule"] == [[f"silo{i}", s] for s in range(6) for i in range(2)]
     registry = Registry(REDIS_URL, redis_prefix, result["run_id"])
-    assert registry.round_state()["committed"] == "1"  # 6 steps / K=3 -> rounds 0 and 1
+    rounds = registry.round_state()
+    assert (rounds["committed"], rounds["state"]) == ("1", "finished")  # 6 steps / K=3 -> rounds 0 and 1
     assert registry.run_meta()["status"] == "finished"
     assert registry.rejected() == {}
     # every role stopped and left

@@ -57,3 +57,21 @@ def test_delete_run_removes_only_this_run(registry):
     assert registry.run_keys() == []
     assert other.run_meta()["mode"] == "serial"
     other.delete_run()
+
+
+def test_heartbeat_publishes_live_status(registry):
+    load = {"updates": 0}
+    hb = Heartbeat(registry, "trunk", "w0", period_s=0.1, ttl_s=2, status_fn=lambda: dict(load)).start()
+    try:
+        load["updates"] = 7
+        time.sleep(0.5)
+        assert registry.info("trunk", "w0")["updates"] == "7"
+    finally:
+        hb.stop()
+
+
+def test_finished_run_has_no_open_round(registry):
+    registry.create_run({"mode": "serial"})
+    registry.commit_round(0)
+    registry.finish_rounds()
+    assert registry.round_state()["state"] == "finished"

@@ -78,7 +78,8 @@ class TrunkWorker:
     def run(self) -> int:
         s = self.settings
         self.registry.join("trunk", s.worker_id, device=str(self.device), adapter=s.adapter)
-        heartbeat = Heartbeat(self.registry, "trunk", s.worker_id, s.heartbeat_s, s.liveness_ttl_s).start()
+        heartbeat = Heartbeat(self.registry, "trunk", s.worker_id, s.heartbeat_s, s.liveness_ttl_s,
+                              status_fn=lambda: {"updates": self.updates, "pending": len(self.pending)}).start()
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stopping", True))
         self._send(Message(Kind.READY, s.run_id, s.worker_id))
         log.info("trunk worker %s up on %s (%d trainable tensors)", s.worker_id, self.device,
