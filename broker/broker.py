@@ -23,11 +23,12 @@ import zmq
 
 from broker.serial import SerialScheduler
 from shared import keys as keystore
+from shared.metrics import RoleMetrics
 from shared.protocol import Kind
-from shared.registry import Heartbeat, Registry
-from shared.transport import ServerSecurity
-from shared.settings import BrokerSettings
 from shared.registration import verify_registration
+from shared.registry import Heartbeat, Registry
+from shared.settings import BrokerSettings
+from shared.transport import ServerSecurity
 from shared.wire import FrameError, Header, Message, message_from_wire, message_to_wire, split_frames
 
 log = logging.getLogger("broker")
@@ -68,6 +69,7 @@ class Broker:
         self.stats = {"routed": 0, "rejected": 0}
         self._stopping = False
 
+        self.metrics = RoleMetrics("broker", "broker", settings.metrics_port, settings.metrics_addr)
         self.ctx = zmq.Context.instance()
         self.security = ServerSecurity(self.ctx, settings.curve, settings.curve_cert, settings.curve_allow_dir)
         self.frontend = self._bind(settings.frontend_bind)
@@ -97,11 +99,14 @@ class Broker:
                 events = dict(poller.poll(POLL_MS))
                 if self.frontend in events:
                     identity, *frames = self.frontend.recv_multipart(copy=False)
+                    self.metrics.received(frames)
                     self.process_silo(identity.bytes, frames)
                 if self.backend in events:
                     identity, *frames = self.backend.recv_multipart(copy=False)
+                    self.metrics.received(frames)
                     self.process_trunk(identity.bytes, frames)
                 self._dispatch()
+                self.metrics.queue_depth(self.scheduler.waiting)
         finally:
             heartbeat.stop()
             self.registry.leave("broker", "broker", status="stopped")
@@ -252,6 +257,7 @@ class Broker:
             # NOBLOCK: a peer that stops reading must never stall the broker for everyone else.
             sock.send_multipart([identity, *frames], copy=False, flags=zmq.NOBLOCK)
             self.stats["routed"] += 1
+            self.metrics.sent(frames)
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue is full (EAGAIN)
             log.warning("could not route to %r: %s", identity, exc)
             self.registry.count_rejected("unroutable")
@@ -282,6 +288,7 @@ class Broker:
         except FrameError as exc:
             self.stats["rejected"] += 1
             self.registry.count_rejected(exc.reason)
+            self.metrics.rejected(exc.reason)
             log.warning("rejected frame from %s: %s", peer, exc)
             return None
         if header.run_id != self.run_id:
@@ -292,7 +299,9 @@ class Broker:
     def _reject(self, reason: str, detail: str, sock: zmq.Socket | None, identity: bytes | None, header: Header) -> None:
         self.stats["rejected"] += 1
         self.registry.count_rejected(reason)
-        log.warning("rejected %s from %s: %s", header.kind.name, header.silo_id, detail)
+        self.metrics.rejected(reason)
+        log.warning("rejected %s from %s: %s", header.kind.name, header.silo_id, detail,
+                    extra={"silo": header.silo_id, "round": header.round, "step": header.step, "reason": reason})
         if sock is not None and identity is not None:
             msg = Message(Kind.ERROR, self.run_id, header.silo_id, header.round, header.step, text=f"{reason}: {detail}")
             self._send(sock, identity, msg)

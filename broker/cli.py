@@ -23,7 +23,7 @@ log = logging.getLogger("broker")
 def broker(**options: object) -> None:
     """Route encrypted frames between silo agents and trunk workers."""
     settings = build_settings(BrokerSettings, options)
-    configure_logging(settings.log_level, "broker")
+    configure_logging(settings.log_level, "broker", settings.log_json)
     registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
     try:
         registry.ping()

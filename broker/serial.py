@@ -28,6 +28,10 @@ class SerialScheduler:
         return self.order[self._turn]
 
     @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    @property
     def finished(self) -> bool:
         return self.current is None
 

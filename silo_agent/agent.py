@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -23,21 +24,22 @@ import torch
 import zmq
 from safetensors.torch import save_file
 
+from shared import keys as keystore
 from shared.adapters import adapter_state_dict, apply_adapter
+from shared.codec import PlainCodec
 from shared.data import SiloDataset, load_jsonl
 from shared.loss import causal_lm_loss
+from shared.metrics import RoleMetrics
 from shared.model_split import build_silo_parts, positions_from_mask
 from shared.optim import make_optimizer
 from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
+from shared.registration import sign_registration
 from shared.registry import Heartbeat, Registry
-from shared.transport import client_socket
+from shared.sealed_codec import SealedCodec
+from shared.sealing import make_hello
 from shared.settings import SiloSettings
 from shared.tokenizer import load_tokenizer
-from shared import keys as keystore
-from shared.codec import PlainCodec
-from shared.sealed_codec import SealedCodec
-from shared.registration import sign_registration
-from shared.sealing import make_hello
+from shared.transport import client_socket
 from shared.wire import FrameError, Message
 
 log = logging.getLogger("silo")
@@ -64,6 +66,7 @@ class SiloAgent:
         self.optimizer = make_optimizer(trainable, settings.lr, settings.weight_decay)
         self.history: list[dict] = []
         self._stopping = False
+        self.metrics = RoleMetrics("silo", settings.silo_id, settings.metrics_port, settings.metrics_addr)
         self.codec = self._make_codec(settings)
         self.crypto_s = 0.0
         self.ctx = zmq.Context.instance()
@@ -104,11 +107,17 @@ class SiloAgent:
         started = time.perf_counter()
         try:
             self._register()
+            progress = _progress_bar(s.steps, s.silo_id)
             for step in range(s.steps):
                 if self._stopping:
                     log.info("stopping after step %d on SIGTERM", step - 1)
                     break
-                self.train_step(step)
+                loss = self.train_step(step)
+                if progress is not None:
+                    progress.set_postfix(round=step // s.local_steps, loss=f"{loss:.4f}", refresh=False)
+                    progress.update(1)
+            if progress is not None:
+                progress.close()
             self._send(Message(Kind.DISCONNECT, s.run_id, s.silo_id))
             self.registry.leave("silo", s.silo_id, status="finished")
         finally:
@@ -142,6 +151,7 @@ class SiloAgent:
     # ------------------------------------------------------------------ one training step
     def train_step(self, step: int) -> float:
         s = self.settings
+        started = time.perf_counter()
         rnd = step // s.local_steps
         if isinstance(self.codec, SealedCodec) and (step % s.local_steps == 0 or step == 0):
             self._handshake(rnd, step)
@@ -171,12 +181,17 @@ class SiloAgent:
         self.history.append({"round": rnd, "step": step, "loss": value, "trunk_seq": int(reply.tensors[1][0])})
         if s.report_loss:
             self.registry.update("silo", s.silo_id, round=rnd, step=step, loss=f"{value:.6f}", updated_at=f"{time.time():.3f}")
-        log.info("round %d step %d loss %.4f", rnd, step, value)
+        self.metrics.step(time.perf_counter() - started)
+        # On a terminal the progress bar shows each step; a log line would tear it.
+        log.log(logging.DEBUG if sys.stderr.isatty() else logging.INFO, "round %d step %d loss %.4f", rnd, step, value,
+                extra={"silo": s.silo_id, "round": rnd, "step": step, "loss": value})
         return value
 
     # ------------------------------------------------------------------ messaging
     def _send(self, msg: Message) -> None:
-        self.sock.send_multipart(self.codec.encode(msg), copy=False)
+        frames = self.codec.encode(msg)
+        self.sock.send_multipart(frames, copy=False)
+        self.metrics.sent(frames)
 
     def _await(self, kind: Kind, step: int) -> Message:
         """Wait for ``kind`` of ``step``; stale or malformed replies are dropped, ERROR raises."""
@@ -192,10 +207,12 @@ class SiloAgent:
                 self._send(Message(Kind.HEARTBEAT, s.run_id, s.silo_id))
                 continue
             frames = self.sock.recv_multipart(copy=False)
+            self.metrics.received(frames)
             try:
                 msg = self.codec.decode([f.buffer for f in frames])
             except FrameError as exc:
                 self.registry.count_rejected(exc.reason)
+                self.metrics.rejected(exc.reason)
                 log.warning("rejected frame from the broker: %s", exc)
                 continue
             if msg.kind == Kind.ERROR:
@@ -217,6 +234,15 @@ class SiloAgent:
             doc = {"silo_id": s.silo_id, "silo_index": s.silo_index, "steps": self.history, "wall_s": wall_s,
                    "encryption": isinstance(self.codec, SealedCodec), "crypto_s": crypto_s}
             _atomic(s.results, lambda p: p.write_text(json.dumps(doc, indent=1)))
+
+
+def _progress_bar(total: int, silo_id: str):
+    """A tqdm bar when a person watches (stderr is a terminal); log lines otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=silo_id, unit="step", dynamic_ncols=True)
 
 
 def _atomic(path: Path, write) -> None:

@@ -15,8 +15,7 @@ import torch
 from tokenizers import processors
 
 from shared import bbc
-from shared.data import (IGNORE_INDEX, DataError, Example, SiloDataset, collate, encode_example,
-                         epoch_seed, load_jsonl)
+from shared.data import IGNORE_INDEX, DataError, Example, SiloDataset, collate, encode_example, epoch_seed, load_jsonl
 from shared.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

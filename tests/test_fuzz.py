@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,8 +23,8 @@ from shared import keys as keystore
 from shared.centralized import centralized_serial
 from shared.models import resolve_model_dir
 from shared.protocol import Kind
-from shared.registry import Registry
 from shared.registration import sign_registration
+from shared.registry import Registry
 from shared.wire import FLAG_SEALED, Message, message_from_wire, message_to_wire
 from tests.conftest import REDIS_URL
 from tests.test_processes import _free_port, _start

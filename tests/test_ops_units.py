@@ -126,8 +126,9 @@ def settings_class(role: str):
 # ------------------------------------------------------------------------------------ static checks
 @pytest.mark.parametrize("role", list(UNITS))
 def test_unit_runs_a_real_subcommand_with_real_options(role):
-    from splitfed.cli import COMMANDS, main
     import click
+
+    from splitfed.cli import COMMANDS, main
 
     argv = exec_argv(role)
     assert argv[0] == INSTALL_BIN, "units assume the install path /opt/splitfed/.venv (ops/README.md)"

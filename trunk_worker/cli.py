@@ -24,7 +24,7 @@ log = logging.getLogger("trunk")
 def trunk(**options: object) -> None:
     """Serve the model's middle blocks to the silos of one run."""
     settings = build_settings(TrunkSettings, options)
-    configure_logging(settings.log_level, f"trunk[{settings.worker_id}]")
+    configure_logging(settings.log_level, f"trunk[{settings.worker_id}]", settings.log_json)
     registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
     try:
         registry.ping()

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 from collections import OrderedDict
 
 import torch
 import zmq
 
+from shared import keys as keystore
 from shared.adapters import apply_adapter
+from shared.codec import PlainCodec
+from shared.metrics import RoleMetrics
 from shared.model_split import build_part
 from shared.optim import make_optimizer
 from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.registry import Heartbeat, Registry
-from shared.transport import client_socket
-from shared.settings import TrunkSettings
-from shared import keys as keystore
-from shared.codec import PlainCodec
 from shared.sealed_codec import SealedCodec
 from shared.sealing import HelloGuard, SealError, accept_hello
+from shared.settings import TrunkSettings
+from shared.transport import client_socket
 from shared.wire import FrameError, Message, header_from_wire
 
 log = logging.getLogger("trunk")
@@ -54,6 +56,7 @@ class TrunkWorker:
         self.pending: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.updates = 0
         self._stopping = False
+        self.metrics = RoleMetrics("trunk", settings.worker_id, settings.metrics_port, settings.metrics_addr)
         self.codec = self._make_codec(settings, registry)
         self.ctx = zmq.Context.instance()
         self.sock = client_socket(self.ctx, settings.worker_id, settings.broker_backend, settings.curve, settings.curve_cert,
@@ -89,7 +92,9 @@ class TrunkWorker:
                 if not self.sock.poll(POLL_MS):
                     continue
                 frames = self.sock.recv_multipart(copy=False)
+                self.metrics.received(frames)
                 self.handle([f.buffer for f in frames])
+                self.metrics.queue_depth(len(self.pending))
         finally:
             heartbeat.stop()
             crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
@@ -116,7 +121,8 @@ class TrunkWorker:
                 raise StepError("unexpected_kind", msg.kind.name)
         except (FrameError, StepError) as exc:
             self.registry.count_rejected(exc.reason)
-            log.warning("rejected: %s", exc)
+            self.metrics.rejected(exc.reason)
+            log.warning("rejected: %s", exc, extra={"reason": exc.reason})
             self._refuse(frames, str(exc))
 
     def _refuse(self, frames: list, reason: str) -> None:
@@ -148,10 +154,11 @@ class TrunkWorker:
         hidden, mask, positions = msg.tensors
         if hidden.shape[-1] != self.hidden_size:
             raise StepError("schema", f"hidden size {hidden.shape[-1]}, trunk expects {self.hidden_size}")
+        started = time.perf_counter()
         h1 = hidden.to(self.device, self.compute_dtype).requires_grad_(True)
         with torch.enable_grad():
             h2 = self.trunk(h1, mask.to(self.device, torch.long), positions.to(self.device, torch.long))
-        self._remember((msg.silo_id, msg.step), h1, h2)
+        self._remember((msg.silo_id, msg.step), h1, h2, time.perf_counter() - started)
         return Message(Kind.FORWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
                        tensors=[h2.detach().to(self.wire_dtype)])
 
@@ -159,7 +166,8 @@ class TrunkWorker:
         key = (msg.silo_id, msg.step)
         if key not in self.pending:
             raise StepError("no_open_step", f"no forward pending for {msg.silo_id} step {msg.step}")
-        h1, h2 = self.pending[key]
+        h1, h2, forward_s = self.pending[key]
+        started = time.perf_counter()
         grad = msg.tensors[0]
         if grad.shape != h2.shape:
             raise StepError("schema", f"gradient shape {tuple(grad.shape)} != output {tuple(h2.shape)}")
@@ -169,15 +177,18 @@ class TrunkWorker:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.updates += 1
+        self.metrics.step(forward_s + time.perf_counter() - started)
         applied = torch.tensor([self.updates], dtype=torch.int64)
         return Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
                        tensors=[h1.grad.to(self.wire_dtype), applied])
 
-    def _remember(self, key, h1, h2) -> None:
-        self.pending[key] = (h1, h2)
+    def _remember(self, key, h1, h2, forward_s: float) -> None:
+        self.pending[key] = (h1, h2, forward_s)
         while len(self.pending) > self.settings.max_pending:
             old, _ = self.pending.popitem(last=False)
             log.warning("dropped the graph of %s step %d: more than %d pending", old[0], old[1], self.settings.max_pending)
 
     def _send(self, msg: Message) -> None:
-        self.sock.send_multipart(self.codec.encode(msg), copy=False)
+        frames = self.codec.encode(msg)
+        self.sock.send_multipart(frames, copy=False)
+        self.metrics.sent(frames)
