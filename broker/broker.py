@@ -40,7 +40,6 @@ POLL_MS = 100
 class Worker:
     worker_id: str
     identity: bytes
-    last_seen: float
 
 
 class Broker:
@@ -201,17 +200,14 @@ class Broker:
             return
         if header.kind == Kind.READY:
             worker_id = header.silo_id  # a worker's READY names the worker in the id field
-            self.workers[worker_id] = Worker(worker_id, identity, time.monotonic())
+            self.workers[worker_id] = Worker(worker_id, identity)
             self._send(self.backend, identity, Message(Kind.READY, self.run_id, worker_id))
             log.info("trunk worker %s ready", worker_id)
             for hello in self.latest_hello.values():
                 self._route(self.backend, identity, hello)
             return
         if header.kind == Kind.HEARTBEAT:
-            for w in self.workers.values():
-                if w.identity == identity:
-                    w.last_seen = time.monotonic()
-            return
+            return  # worker liveness is in Redis (TTL keys); dead-worker handling is the reliability issue
         silo = header.silo_id
         target = self.silo_identity.get(silo)
         if target is None:

@@ -9,9 +9,8 @@ import click
 
 from broker.broker import Broker
 from shared import exit_codes
-from shared.cli_options import build_settings, settings_options
+from shared.cli_options import build_settings, open_registry, settings_options
 from shared.logs import configure_logging
-from shared.registry import Registry, RegistryError
 from shared.settings import BrokerSettings
 from shared.transport import TransportError
 
@@ -24,13 +23,8 @@ def broker(**options: object) -> None:
     """Route encrypted frames between silo agents and trunk workers."""
     settings = build_settings(BrokerSettings, options)
     configure_logging(settings.log_level, "broker", settings.log_json)
-    registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
-    try:
-        registry.ping()
-        meta = registry.run_meta()
-    except RegistryError as exc:
-        log.error("%s", exc)
-        sys.exit(exit_codes.REDIS_UNAVAILABLE)
+    registry = open_registry(settings, log)
+    meta = registry.run_meta()
     silos = [s for s in (settings.silos or meta.get("silos", "")).split(",") if s]
     if not silos:
         log.error("run %s has no silos: pass --silos or create the run's metadata in Redis first", settings.run_id)

@@ -6,6 +6,8 @@ falls back to the ``SPLITFED_*`` environment variable and then to the field defa
 
 from __future__ import annotations
 
+import logging
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -55,3 +57,17 @@ def build_settings(settings_cls: type[BaseSettings], options: dict[str, Any]) ->
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise click.UsageError("invalid settings:\n" + "\n".join(lines)) from None
+
+
+def open_registry(settings: Any, log: logging.Logger):
+    """The run's Redis registry, or exit with REDIS_UNAVAILABLE and a clear message."""
+    from shared import exit_codes
+    from shared.registry import Registry, RegistryError
+
+    registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
+    try:
+        registry.ping()
+    except RegistryError as exc:
+        log.error("%s", exc)
+        sys.exit(exit_codes.REDIS_UNAVAILABLE)
+    return registry

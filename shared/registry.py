@@ -171,8 +171,9 @@ class Heartbeat:
         while not self._stop.wait(self._period):
             try:
                 self._registry.heartbeat(self._role, self._member, self._ttl)
-                if self._status_fn is not None:
-                    self._registry.update(self._role, self._member, **self._status_fn())
+                status = self._status_fn() if self._status_fn is not None else None
+                if status:
+                    self._registry.update(self._role, self._member, **status)
             except redis.RedisError as exc:
                 log.warning("heartbeat to Redis failed: %s", exc)
 

@@ -7,14 +7,16 @@ The CLI options of each role are generated from these same fields (``shared.cli_
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.ids import check_id
 
 Mode = Literal["serial", "client-batch", "hierarchical"]
+# Run, silo and worker ids travel in fixed-width header fields (shared/ids.py).
+Identifier = Annotated[str, AfterValidator(check_id)]
 
 
 class CommonSettings(BaseSettings):
@@ -22,7 +24,7 @@ class CommonSettings(BaseSettings):
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding run state and membership")
     key_prefix: str = Field("splitfed", description="namespace of every Redis key this run writes")
-    run_id: str = Field("run", description="run identifier (1-16 chars A-Z a-z 0-9 _ . -)")
+    run_id: Identifier = Field("run", description="run identifier (1-16 chars A-Z a-z 0-9 _ . -)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log verbosity")
     log_json: bool = Field(False, description="one JSON object per log line (with silo, round, step fields)")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="serve Prometheus metrics on this port (0: any free)")
@@ -32,11 +34,6 @@ class CommonSettings(BaseSettings):
     max_tensor_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest tensor accepted from the wire")
     curve: bool = Field(False, description="CurveZMQ on every socket (hop encryption + ZAP allow-list at the broker)")
     curve_cert: Path | None = Field(None, description="this role's CurveZMQ secret certificate (NAME.key_secret)")
-
-    @field_validator("run_id")
-    @classmethod
-    def _run_id_fits_header(cls, v: str) -> str:
-        return check_id(v, "run id")
 
 
 class ModelSettings(CommonSettings):
@@ -82,19 +79,14 @@ class BrokerSettings(CommonSettings):
 
 class TrunkSettings(CryptoSettings):
     broker_backend: str = Field("tcp://127.0.0.1:5556", description="broker address for trunk workers")
-    worker_id: str = Field("trunk0", description="this worker's id")
+    worker_id: Identifier = Field("trunk0", description="this worker's id")
     device: str = Field("cpu", description="torch device of the trunk ('cpu', 'cuda', 'cuda:1')")
     max_pending: int = Field(64, ge=1, description="forward graphs kept while waiting for their backward")
-
-    @field_validator("worker_id")
-    @classmethod
-    def _worker_id_fits_header(cls, v: str) -> str:
-        return check_id(v, "worker id")
 
 
 class SiloSettings(CryptoSettings):
     broker_frontend: str = Field("tcp://127.0.0.1:5555", description="broker address for silos")
-    silo_id: str = Field("silo0", description="this silo's id")
+    silo_id: Identifier = Field("silo0", description="this silo's id")
     trunk_fingerprint: str | None = Field(None, description="pinned trunk service key fingerprint (sha256:...)")
     silo_index: int = Field(0, ge=0, description="this silo's index (mixes into the data order)")
     data: Path | None = Field(None, description="JSONL training data ({prompt, completion} or {text} per line)")
@@ -107,7 +99,3 @@ class SiloSettings(CryptoSettings):
     results: Path | None = Field(None, description="write losses and final adapter metadata here (JSON)")
     save_dir: Path | None = Field(None, description="write the final head/tail trainable tensors here (safetensors)")
 
-    @field_validator("silo_id")
-    @classmethod
-    def _silo_id_fits_header(cls, v: str) -> str:
-        return check_id(v, "silo id")

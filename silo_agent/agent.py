@@ -7,7 +7,8 @@ One training step, top to bottom:
     h1.backward(dL/dh1), optimizer step
 
 Only h1, the 2-D mask, positions and dL/dh2 leave the silo; token ids, labels and loss never do
-(the loss goes to Redis for monitoring only when ``report_loss`` is on).
+(the loss goes to Redis for monitoring only when ``report_loss`` is on, published by the heartbeat
+thread, never from the step itself).
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ class SiloAgent:
     def run(self) -> int:
         s = self.settings
         self.registry.join("silo", s.silo_id, samples=len(self.dataset), steps=s.steps)
-        heartbeat = Heartbeat(self.registry, "silo", s.silo_id, s.heartbeat_s, s.liveness_ttl_s).start()
+        heartbeat = Heartbeat(self.registry, "silo", s.silo_id, s.heartbeat_s, s.liveness_ttl_s,
+                              status_fn=self._progress_fields).start()
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stopping", True))
         started = time.perf_counter()
         try:
@@ -119,12 +121,22 @@ class SiloAgent:
             if progress is not None:
                 progress.close()
             self._send(Message(Kind.DISCONNECT, s.run_id, s.silo_id))
+            if fields := self._progress_fields():  # the last step, which the heartbeat may not have seen
+                self.registry.update("silo", s.silo_id, **fields)
             self.registry.leave("silo", s.silo_id, status="finished")
         finally:
             heartbeat.stop()
             self.sock.close()
         self._write_results(time.perf_counter() - started)
         return 0
+
+    def _progress_fields(self) -> dict:
+        """The latest step for `splitfed status` and the demo (empty before the first step)."""
+        if not self.settings.report_loss or not self.history:
+            return {}
+        last = self.history[-1]
+        return {"round": last["round"], "step": last["step"], "loss": f"{last['loss']:.6f}",
+                "updated_at": f"{time.time():.3f}"}
 
     def _register(self) -> None:
         """READY until accepted. After a restart the broker may still hold our old connection:
@@ -153,7 +165,7 @@ class SiloAgent:
         s = self.settings
         started = time.perf_counter()
         rnd = step // s.local_steps
-        if isinstance(self.codec, SealedCodec) and (step % s.local_steps == 0 or step == 0):
+        if isinstance(self.codec, SealedCodec) and step % s.local_steps == 0:
             self._handshake(rnd, step)
         batch = self.dataset.batch(step)
         mask = batch.attention_mask
@@ -179,8 +191,6 @@ class SiloAgent:
 
         value = float(loss.detach())
         self.history.append({"round": rnd, "step": step, "loss": value, "trunk_seq": int(reply.tensors[1][0])})
-        if s.report_loss:
-            self.registry.update("silo", s.silo_id, round=rnd, step=step, loss=f"{value:.6f}", updated_at=f"{time.time():.3f}")
         self.metrics.step(time.perf_counter() - started)
         # On a terminal the progress bar shows each step; a log line would tear it.
         log.log(logging.DEBUG if sys.stderr.isatty() else logging.INFO, "round %d step %d loss %.4f", rnd, step, value,

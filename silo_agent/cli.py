@@ -8,11 +8,10 @@ import sys
 import click
 
 from shared import exit_codes
-from shared.cli_options import build_settings, settings_options
+from shared.cli_options import build_settings, open_registry, settings_options
 from shared.keys import KeyFileError
 from shared.logs import configure_logging
 from shared.models import resolve_model_dir
-from shared.registry import Registry, RegistryError
 from shared.sealing import SealError
 from shared.settings import SiloSettings
 from silo_agent.agent import PeerError, SiloAgent
@@ -26,12 +25,7 @@ def silo(**options: object) -> None:
     """Train on this silo's private data through the split pipeline."""
     settings = build_settings(SiloSettings, options)
     configure_logging(settings.log_level, f"silo[{settings.silo_id}]", settings.log_json)
-    registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
-    try:
-        registry.ping()
-    except RegistryError as exc:
-        log.error("%s", exc)
-        sys.exit(exit_codes.REDIS_UNAVAILABLE)
+    registry = open_registry(settings, log)
     try:
         model_dir = resolve_model_dir(settings.model)
         agent = SiloAgent(settings, registry, model_dir)

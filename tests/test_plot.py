@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib  # noqa: F401  (a declared test dependency: fail loudly if missing)
 import pytest
 from click.testing import CliRunner
 
 from splitfed.plot_command import RunFileError, curves, plot
-
-pytest.importorskip("matplotlib")
 
 
 def _run_doc(silos: int = 2, steps: int = 6, reference: bool = True) -> dict:

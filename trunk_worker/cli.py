@@ -8,11 +8,10 @@ import sys
 import click
 
 from shared import exit_codes
-from shared.cli_options import build_settings, settings_options
+from shared.cli_options import build_settings, open_registry, settings_options
 from shared.keys import KeyFileError, KeyStoreError
 from shared.logs import configure_logging
 from shared.models import resolve_model_dir
-from shared.registry import Registry, RegistryError
 from shared.settings import TrunkSettings
 from trunk_worker.worker import TrunkWorker
 
@@ -25,12 +24,7 @@ def trunk(**options: object) -> None:
     """Serve the model's middle blocks to the silos of one run."""
     settings = build_settings(TrunkSettings, options)
     configure_logging(settings.log_level, f"trunk[{settings.worker_id}]", settings.log_json)
-    registry = Registry(settings.redis_url, settings.key_prefix, settings.run_id)
-    try:
-        registry.ping()
-    except RegistryError as exc:
-        log.error("%s", exc)
-        sys.exit(exit_codes.REDIS_UNAVAILABLE)
+    registry = open_registry(settings, log)
     try:
         model_dir = resolve_model_dir(settings.model)
         worker = TrunkWorker(settings, registry, model_dir)
