@@ -102,21 +102,29 @@ def split_for_silos(examples: Sequence[T], n_silos: int, seed: int) -> list[list
     return [[examples[i] for i in order[s::n_silos]] for s in range(n_silos)]
 
 
-def make_demo(per_topic: int = DEMO_PER_TOPIC, max_chars: int = DEMO_MAX_CHARS,
-              seed: int = DEMO_SEED) -> list[dict[str, str]]:
-    """A balanced sample: ``per_topic`` random articles of each topic, then shuffled together so
-    that any prefix of the file (or any silo's share) stays close to balanced.
+def unique_articles_by_topic() -> dict[str, list[Article]]:
+    """Every distinct article by topic, in corpus order.
 
     The corpus holds 98 exact duplicates (same title and body, same topic); only the first copy
     is kept, so one article cannot land in two silos or in both training and evaluation.
     """
-    rng = random.Random(seed)
     by_topic: dict[str, list[Article]] = {t: [] for t in TOPICS}
     seen: set[tuple[str, str]] = set()
     for article in bbc_articles():
         if (article.title, article.body) not in seen:
             seen.add((article.title, article.body))
             by_topic[article.topic].append(article)
+    return by_topic
+
+
+def make_demo(per_topic: int = DEMO_PER_TOPIC, max_chars: int = DEMO_MAX_CHARS,
+              seed: int = DEMO_SEED) -> list[dict[str, str]]:
+    """A balanced sample: ``per_topic`` random articles of each topic, then shuffled together so
+    that any prefix of the file (or any silo's share) stays close to balanced. Duplicates are
+    dropped first (``unique_articles_by_topic``).
+    """
+    rng = random.Random(seed)
+    by_topic = unique_articles_by_topic()
     picked = [a for t in TOPICS for a in rng.sample(by_topic[t], per_topic)]
     rng.shuffle(picked)
     return [to_classification_example(a, max_chars) for a in picked]

@@ -1,15 +1,23 @@
-"""Centralized reference training: the same computation as a serial split run, in one process.
+"""Single-process references: the same computation as a split run of each mode, without network.
 
-Each silo gets its own copy of the UNSPLIT model (its own embeddings, head and tail, with the same
-adapter initialisation the silo uses); the copies share one set of trunk layers, exactly as the
-silos share one trunk worker. Steps run in the serial schedule's order (step-major, silo-minor),
-with the same data batches and the same AdamW. No parts, no network: the model's own forward.
+* serial -- each silo gets its own copy of the UNSPLIT model (its own embeddings, head and tail,
+  with the adapter initialisation the silo uses); the copies share one set of trunk layers, as
+  the silos share one trunk worker. Steps run step-major, silo-minor, as the serial schedule.
+* hierarchical -- each silo's unsplit model also has its own trunk adapter (over the same frozen
+  base weights); silos train independently within a round.
+* client-batch -- shared/centralized_batch.py (the trunk batch is the silos' concatenation).
+
+With aggregation on, at every round's end the silos' head/tail trainables are replaced by their
+FedAvg (weighted by sample counts), and in hierarchical mode the trunk adapters too unless
+``personalize``: what secure aggregation computes, here in plain float64.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from transformers.utils import logging as hf_logging
 
 from shared.data import SiloDataset, load_jsonl
@@ -17,46 +25,87 @@ from shared.loss import causal_lm_loss
 from shared.model_split import positions_from_mask
 from shared.optim import make_optimizer
 from shared.reference import UnsplitModel
+from shared.secure_agg import flatten, plain_fedavg, unflatten_into
 from shared.settings import ModelSettings
 from shared.tokenizer import load_tokenizer
 
 
-def build_silo_models(model_dir: Path, settings: ModelSettings, n_silos: int) -> list[UnsplitModel]:
+def reference_settings(model_dir: Path, run) -> ModelSettings:
+    return ModelSettings(model=str(model_dir), seed=run.seed, adapter=run.adapter, lr=run.lr,
+                         head_layers=run.head_layers, tail_layers=run.tail_layers)
+
+
+def load_datasets(model_dir: Path, run, data_paths: list[Path]) -> list[SiloDataset]:
+    tokenizer = load_tokenizer(model_dir)
+    return [SiloDataset(load_jsonl(p), tokenizer, run.batch_size, run.max_length, run.seed, i)
+            for i, p in enumerate(data_paths)]
+
+
+def build_silo_models(model_dir: Path, settings: ModelSettings, n_silos: int, share_trunk: bool = True
+                      ) -> list[UnsplitModel]:
     cfg = settings.adapter_config()
     models = [UnsplitModel(model_dir, cfg, settings.seed, settings.head_layers, settings.tail_layers)
               for _ in range(n_silos)]
-    shared_layers = models[0].model.get_submodule(models[0].facts.layers)
-    for m in models[1:]:
-        layers = m.model.get_submodule(m.facts.layers)
-        for j in m.plan.trunk_range:
-            layers[j] = shared_layers[j]  # one trunk (and its adapter) for every silo
+    if share_trunk:
+        shared_layers = models[0].model.get_submodule(models[0].facts.layers)
+        for m in models[1:]:
+            layers = m.model.get_submodule(m.facts.layers)
+            for j in m.plan.trunk_range:
+                layers[j] = shared_layers[j]  # one trunk (and its adapter) for every silo
     return models
 
 
-def centralized_serial(model_dir: Path, run, data_paths: list[Path]) -> list[dict]:
-    """Train like a serial run configured by ``run`` (a DemoConfig-like object); return per-step losses."""
-    settings = ModelSettings(model=str(model_dir), seed=run.seed, adapter=run.adapter, lr=run.lr,
-                             head_layers=run.head_layers, tail_layers=run.tail_layers)
+def round_ends(step: int, run) -> bool:
+    return (step + 1) % run.local_steps == 0 or step + 1 == run.steps
+
+
+def fedavg_(param_lists: Sequence[Sequence[torch.nn.Parameter]], weights: Sequence[int]) -> None:
+    """Replace every list's parameters by the weighted average over the lists (in place)."""
+    average = plain_fedavg([flatten(ps) for ps in param_lists], weights)
+    for ps in param_lists:
+        unflatten_into(ps, average)
+
+
+def _step(opts) -> None:
+    for o in opts:
+        if o is not None:
+            o.step()
+            o.zero_grad(set_to_none=True)
+
+
+def centralized_reference(model_dir: Path, run, data_paths: list[Path]) -> list[dict]:
+    """Train like a run of ``run.mode`` configured by ``run`` (a DemoConfig-like object)."""
     hf_logging.disable_progress_bar()  # the demo prints its own progress
-    tokenizer = load_tokenizer(model_dir)
-    datasets = [SiloDataset(load_jsonl(p), tokenizer, run.batch_size, run.max_length, settings.seed, i)
-                for i, p in enumerate(data_paths)]
-    models = build_silo_models(model_dir, settings, len(data_paths))
+    mode = getattr(run, "mode", "serial")
+    if mode == "client-batch":
+        from shared.centralized_batch import centralized_client_batch
+
+        return centralized_client_batch(model_dir, run, data_paths)
+    settings = reference_settings(model_dir, run)
+    datasets = load_datasets(model_dir, run, data_paths)
+    hierarchical = mode == "hierarchical"
+    models = build_silo_models(model_dir, settings, len(data_paths), share_trunk=not hierarchical)
     groups = [m.trainable_groups() for m in models]
-    silo_opts = [make_optimizer(g["head"] + g["tail"], settings.lr, settings.weight_decay) for g in groups]
-    trunk_opt = make_optimizer(groups[0]["trunk"], settings.lr, settings.weight_decay)
+    silo_params = [list(dict.fromkeys(g["head"] + g["tail"])) for g in groups]  # tied weights once
+    silo_opts = [make_optimizer(ps, settings.lr, settings.weight_decay) for ps in silo_params]
+    trunk_opts = ([make_optimizer(g["trunk"], settings.lr, settings.weight_decay) for g in groups] if hierarchical
+                  else [make_optimizer(groups[0]["trunk"], settings.lr, settings.weight_decay)] * len(models))
+    weights = [d.num_examples for d in datasets]
 
     history = []
     for step in range(run.steps):
-        for i, (model, data, opt) in enumerate(zip(models, datasets, silo_opts)):
+        for i, (model, data) in enumerate(zip(models, datasets)):
             batch = data.batch(step)
-            positions = positions_from_mask(batch.attention_mask)
-            logits = model(batch.input_ids, batch.attention_mask, positions)
+            logits = model(batch.input_ids, batch.attention_mask, positions_from_mask(batch.attention_mask))
             loss = causal_lm_loss(logits, batch.labels)
             loss.backward()
-            for o in (trunk_opt, opt):
-                if o is not None:
-                    o.step()
-                    o.zero_grad(set_to_none=True)
+            _step([trunk_opts[i], silo_opts[i]])
             history.append({"silo_index": i, "step": step, "loss": float(loss.detach())})
+        if getattr(run, "aggregation", "fedavg") == "fedavg" and len(models) > 1 and round_ends(step, run):
+            fedavg_(silo_params, weights)
+            if hierarchical and not getattr(run, "personalize", False):
+                fedavg_([g["trunk"] for g in groups], weights)
     return history
+
+
+centralized_serial = centralized_reference  # the name the serial-only code used

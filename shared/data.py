@@ -102,7 +102,7 @@ def _string_field(record: dict, key: str, where: str) -> str:
 # ----------------------------------------------------------------------------------- tokenizing
 
 
-def _special_prefix(tokenizer) -> list[int]:
+def special_prefix(tokenizer) -> list[int]:
     """The ids the tokenizer itself puts before text (a BOS for Llama-style ones, none for GPT-2,
     SmolLM2 or the byte tokenizer), so fine-tuning inputs start the way pretraining inputs did.
     Whatever it would append (some add EOS) is ignored: ``encode_example`` appends EOS itself."""
@@ -125,7 +125,7 @@ def encode_example(tokenizer, ex: Example, max_length: int) -> tuple[list[int], 
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token")
-    prefix = _special_prefix(tokenizer)
+    prefix = special_prefix(tokenizer)
     if max_length <= len(prefix):
         raise ValueError(f"max_length={max_length} leaves no room after {len(prefix)} special token(s)")
     prompt = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"] if ex.prompt else []

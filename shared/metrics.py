@@ -41,6 +41,9 @@ class RoleMetrics:
         self._queue = Gauge("splitfed_queue_depth", "work waiting (broker: FORWARDs; trunk: open graphs)", names,
                             registry=self.registry)
         self._labels = labels
+        # Plain totals beside the Prometheus series: `splitfed bench step` reads bytes per step.
+        self.bytes_sent = 0
+        self.bytes_received = 0
         self.port = None
         if port is not None:
             server, _ = start_http_server(port, addr=addr, registry=self.registry)
@@ -52,10 +55,14 @@ class RoleMetrics:
         self._step_s.labels(**self._labels).observe(seconds)
 
     def sent(self, frames: Iterable) -> None:
-        self._sent.labels(**self._labels).inc(frames_nbytes(frames))
+        n = frames_nbytes(frames)
+        self.bytes_sent += n
+        self._sent.labels(**self._labels).inc(n)
 
     def received(self, frames: Iterable) -> None:
-        self._received.labels(**self._labels).inc(frames_nbytes(frames))
+        n = frames_nbytes(frames)
+        self.bytes_received += n
+        self._received.labels(**self._labels).inc(n)
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(**self._labels, reason=reason).inc()

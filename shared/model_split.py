@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from shared.adapters import prefix_cache, prefix_len, with_prefix
@@ -108,8 +108,19 @@ class _Part(nn.Module):
             attention_mask, position_ids = with_prefix(attention_mask, position_ids, p)
         return layers, p, attention_mask, position_ids
 
-    def _run_layers(self, hidden, layers, p, attention_mask, position_ids):
-        cache = prefix_cache(layers, hidden.shape[0]) if p else None
+    def new_cache(self, batch: int) -> DynamicCache:
+        """A KV cache for generation through this part: empty, or holding its prefix K/V.
+
+        Passed to forward(..., cache=) it keeps every owned layer's keys and values across calls,
+        so each call only computes the new positions. The mask given with it must then cover every
+        key seen so far (past + new), the positions only the new tokens.
+        """
+        layers = self._layers()
+        return prefix_cache(layers, batch) if prefix_len(layers) else DynamicCache()
+
+    def _run_layers(self, hidden, layers, p, attention_mask, position_ids, cache=None):
+        if cache is None and p:
+            cache = prefix_cache(layers, hidden.shape[0])  # fresh per forward: training recomputes all
         mask_kwargs = dict(
             config=self.config,
             inputs_embeds=hidden,
@@ -138,30 +149,30 @@ class _Part(nn.Module):
 class HeadPart(_Part):
     """Silo input side: embeddings (+ learned positions) and the first blocks."""
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, cache=None):
         layers, p, attention_mask, position_ids = self._wire_inputs(attention_mask, position_ids)
         hidden = self.get_submodule(self.facts.embed)(input_ids)
         if self.facts.pos_embed:
             hidden = hidden + self.get_submodule(self.facts.pos_embed)(position_ids)
         if self.facts.embed_dropout:
             hidden = self.get_submodule(self.facts.embed_dropout)(hidden)
-        return self._run_layers(hidden, layers, p, attention_mask, position_ids)
+        return self._run_layers(hidden, layers, p, attention_mask, position_ids, cache)
 
 
 class TrunkPart(_Part):
     """Trunk worker: the middle blocks only."""
 
-    def forward(self, hidden, attention_mask, position_ids):
+    def forward(self, hidden, attention_mask, position_ids, cache=None):
         layers, p, attention_mask, position_ids = self._wire_inputs(attention_mask, position_ids)
-        return self._run_layers(hidden, layers, p, attention_mask, position_ids)
+        return self._run_layers(hidden, layers, p, attention_mask, position_ids, cache)
 
 
 class TailPart(_Part):
     """Silo output side: the last blocks, final norm and LM head; returns logits."""
 
-    def forward(self, hidden, attention_mask, position_ids):
+    def forward(self, hidden, attention_mask, position_ids, cache=None):
         layers, p, attention_mask, position_ids = self._wire_inputs(attention_mask, position_ids)
-        hidden = self._run_layers(hidden, layers, p, attention_mask, position_ids)
+        hidden = self._run_layers(hidden, layers, p, attention_mask, position_ids, cache)
         hidden = self.get_submodule(self.facts.final_norm)(hidden)
         return self.get_submodule(self.facts.lm_head)(hidden)
 

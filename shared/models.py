@@ -1,6 +1,6 @@
 """Resolve a model setting ('tiny', 'smollm2' or a directory) to a local model directory.
 
-'tiny' is a small config-built Llama (byte-level tokenizer, random weights) cached once, so
+'tiny' (and 'tiny-256') is a small config-built Llama (byte-level tokenizer, random weights) cached once, so
 every role of a run loads the very same weights from disk, like they would a real checkpoint.
 """
 
@@ -18,6 +18,8 @@ from shared.tokenizer import byte_tokenizer
 # Bump the version when the preset changes, so old caches are not reused by mistake.
 TINY_PRESETS = {
     "tiny": dict(family="llama", hidden_size=64, num_layers=4, vocab_size=260, seed=0),
+    # `splitfed bench step`'s model: compute like a small real LM (32000-word head) at test cost.
+    "tiny-256": dict(family="llama", hidden_size=256, num_layers=8, vocab_size=32000, seed=0),
 }
 TINY_VERSION = "v1"
 

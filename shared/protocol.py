@@ -19,6 +19,7 @@ from shared.ids import ID_ALPHABET, ID_FIELD_BYTES  # noqa: E402,F401  (re-expor
 MAX_TENSORS = 4
 MAX_NDIM = 4
 MAX_TEXT_BYTES = 4096  # ERROR reasons and READY details
+MAX_BUNDLE = 256  # members of one client-batch trunk batch
 MAX_HANDSHAKE_BYTES = 256  # HELLO (196) and HELLO_ACK (72) payloads
 SEAL_OVERHEAD = 16  # AEAD tag appended to each sealed payload (AES-GCM and ChaCha20-Poly1305)
 
@@ -41,6 +42,37 @@ class Kind(enum.IntEnum):
     HELLO            silo -> trunk service (the broker fans it out to every worker): the round's
                      signed handshake (shared/sealing.py), uint8[196]. Unsealed.
     HELLO_ACK        trunk -> silo: uint8[72], the trunk key and its key confirmation. Unsealed.
+    GENERATE         silo -> trunk: one step of split generation (shared/generation.py), frames as
+                     FORWARD: hidden h1 float[B,T,H], mask uint8[B,T], positions int[B,T]; step = the
+                     token index, 0 the prompt (T tokens; it opens a new KV cache), then T = 1.
+                     Served outside the training schedule, by the worker holding the silo's cache.
+    GENERATE_RESULT  trunk -> silo: hidden h2 float[B,T,H] of the same positions.
+    GENERATE_END     silo -> trunk: no tensors; the generation is over, free its cache. Unsealed
+                     (it carries no data; the broker only accepts it from the silo's connection).
+
+    Client-batch mode:
+    BUNDLE           broker -> trunk: seq = n; followed in the same multipart message by n
+                     members' FORWARD messages (each whole: header, payloads), one trunk batch.
+
+    Rounds and aggregation (shared/secure_agg.py); seq carries the attempt number:
+    AGG_JOIN         silo -> broker: the silo's steps of this round are done; seq = its sample
+                     count (the FedAvg weight, public like the `samples` field in Redis).
+    AGG_START        broker -> silo: text = the participant ids, comma-separated; seq = attempt.
+    AGG_UPLOAD       silo -> broker: int64[D+1], the masked weighted parameters and weight.
+    AGG_RESULT       broker -> silo: int64[D+1], the sum of the attempt's uploads.
+    ROUND_END        broker -> trunk (hierarchical mode): text = "worker,...;silo:weight,..."
+                     (the workers that average, and every participating silo's weight).
+    TRUNK_SYNC       trunk -> broker -> every averaging worker: uint8[N], a worker's weighted
+                     partial sum of its silos' trunk adapters, sealed with the trunk service key.
+    ROUND_DONE       trunk -> broker: this worker has applied the round's trunk average (if any)
+                     and written its round checkpoint.
+    ROUND_CLOSED     broker -> silo: the round is over without an aggregate for this silo
+                     (aggregation off, too few participants, or it joined late).
+
+    Recovery (shared/checkpoint.py); text = the round to roll back to (-1: the initial state):
+    ROLLBACK         broker -> silos and workers: a role restarted; load your checkpoint of that
+                     round and continue from the next round's first step.
+    CHECKPOINTED     silo -> broker: this silo's checkpoint of `round` is on disk.
 
     With encryption on, FORWARD..BACKWARD_RESULT are sealed: each payload is an AEAD ciphertext,
     the header is the associated data, and the header's seq carries the nonce counter.
@@ -56,6 +88,23 @@ class Kind(enum.IntEnum):
     DISCONNECT = 8
     HELLO = 9
     HELLO_ACK = 10
+    BUNDLE = 11
+    AGG_JOIN = 12
+    AGG_START = 13
+    AGG_UPLOAD = 14
+    AGG_RESULT = 15
+    ROUND_END = 16
+    TRUNK_SYNC = 17
+    ROUND_DONE = 18
+    ROUND_CLOSED = 19
+    ROLLBACK = 20
+    CHECKPOINTED = 21
+    GENERATE = 22
+    GENERATE_RESULT = 23
+    GENERATE_END = 24
+
+
+GENERATION_KINDS = frozenset({Kind.GENERATE, Kind.GENERATE_END})  # silo -> trunk, outside the scheduler
 
 
 class Flag(enum.IntFlag):

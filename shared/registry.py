@@ -76,6 +76,18 @@ class Registry:
             mapping={"committed": round_no, "round": round_no + 1, "state": next_state, "updated_at": f"{time.time():.3f}"},
         )
 
+    def committed_round(self) -> int:
+        """The last round every role holds a checkpoint of (-1: none yet)."""
+        value = self.redis.hget(self.key("round"), "committed")
+        return -1 if value is None else int(value)
+
+    def broker_epoch(self) -> int:
+        """Count the broker's starts for this run: more than 1 means it restarted mid-run."""
+        return int(self.redis.incr(self.key("broker_epoch")))
+
+    def count_rollback(self) -> None:
+        self.redis.hincrby(self.key("round"), "rollbacks", 1)
+
     def finish_rounds(self) -> None:
         """Every silo has left: no round is open any more."""
         self.redis.hset(self.key("round"), mapping={"state": "finished", "updated_at": f"{time.time():.3f}"})
@@ -114,6 +126,14 @@ class Registry:
     def info(self, role: str, member: str) -> dict[str, str]:
         return self.redis.hgetall(self.key(role, member))
 
+    # ------------------------------------------------------------------ silo -> trunk worker
+    def assign(self, silo: str, worker: str) -> None:
+        """Record which trunk worker serves a silo (hierarchical mode; `redis-cli hgetall ...:assign`)."""
+        self.redis.hset(self.key("assign"), silo, worker)
+
+    def assignments(self) -> dict[str, str]:
+        return self.redis.hgetall(self.key("assign"))
+
     # ------------------------------------------------------------------ rejected frames
     def count_rejected(self, reason: str) -> None:
         try:
@@ -147,6 +167,18 @@ class Registry:
 def _check_role(role: str) -> None:
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; one of {ROLES}")
+
+
+def retry_redis(fn, *args, attempts: int = 60, delay_s: float = 0.25):
+    """Call ``fn`` until Redis answers (it may be restarting); give up after about attempts*delay_s."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args)
+        except redis.RedisError as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("Redis unavailable, retrying: %s", exc)
+            time.sleep(delay_s)
 
 
 class Heartbeat:

@@ -7,13 +7,20 @@ unsealed data message, or one for which no session exists, is a FrameError like 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
+from shared.buffers import BufferPool
 from shared.protocol import Kind
 from shared.sealing import SealError, Session, open_message, seal_message
 from shared.wire import Message, message_from_wire, message_to_wire, split_frames
 
-CLEAR_KINDS = frozenset({Kind.READY, Kind.HEARTBEAT, Kind.ERROR, Kind.DISCONNECT, Kind.HELLO, Kind.HELLO_ACK})
+# Aggregation messages are for the broker, which must read them: uploads are masked instead
+# (shared/secure_agg.py), and a TRUNK_SYNC payload is sealed for the trunk service's workers.
+CLEAR_KINDS = frozenset({Kind.READY, Kind.HEARTBEAT, Kind.ERROR, Kind.DISCONNECT, Kind.HELLO, Kind.HELLO_ACK,
+                         Kind.AGG_JOIN, Kind.AGG_START, Kind.AGG_UPLOAD, Kind.AGG_RESULT,
+                         Kind.ROUND_END, Kind.TRUNK_SYNC, Kind.ROUND_DONE, Kind.ROUND_CLOSED,
+                         Kind.ROLLBACK, Kind.CHECKPOINTED, Kind.GENERATE_END})
 KEEP_ROUNDS = 2  # sessions of the current and the previous round (late replies of the last round)
 
 
@@ -47,19 +54,38 @@ class SealedCodec:
     def __init__(self, max_tensor_bytes: int) -> None:
         self.max_tensor_bytes = max_tensor_bytes
         self.sessions = SessionTable()
+        # One pool per direction: ciphertexts we send, plaintexts we open (see shared/buffers.py for
+        # why a buffer still held by ZeroMQ or by an autograd graph is never reused).
+        self.send_buffers = BufferPool()
+        self.recv_buffers = BufferPool()
+        self.encode_s = 0.0  # cumulative, crypto included: `splitfed bench step` splits it out
+        self.decode_s = 0.0
 
     def encode(self, msg: Message) -> list:
+        t0 = time.perf_counter()
         if msg.kind in CLEAR_KINDS:
-            return message_to_wire(msg)
-        return seal_message(self.sessions.get(msg.silo_id, msg.round), msg)
+            frames = message_to_wire(msg)
+        else:
+            frames = seal_message(self.sessions.get(msg.silo_id, msg.round), msg, self.send_buffers.take)
+        self.encode_s += time.perf_counter() - t0
+        return frames
 
     def decode(self, frames: Sequence) -> Message:
-        header, *_ = split_frames(frames, self.max_tensor_bytes)
-        if not header.sealed:
-            if header.kind not in CLEAR_KINDS:
-                raise SealError("not_sealed", f"{header.kind.name} must be sealed")
-            return message_from_wire(frames, self.max_tensor_bytes)
-        return open_message(self.sessions.get(header.silo_id, header.round), frames, self.max_tensor_bytes)
+        t0 = time.perf_counter()
+        try:
+            header, *_ = split_frames(frames, self.max_tensor_bytes)
+            if not header.sealed:
+                if header.kind not in CLEAR_KINDS:
+                    raise SealError("not_sealed", f"{header.kind.name} must be sealed")
+                return message_from_wire(frames, self.max_tensor_bytes)
+            return open_message(self.sessions.get(header.silo_id, header.round), frames, self.max_tensor_bytes,
+                                self.recv_buffers.take)
+        finally:
+            self.decode_s += time.perf_counter() - t0
+
+    def allocations(self) -> int:
+        """Large payload buffers allocated so far: flat across steps once the pools are warm."""
+        return self.send_buffers.allocations + self.recv_buffers.allocations
 
     def crypto_seconds(self) -> float:
         live = sum(s.stats["seal_s"] + s.stats["open_s"] for s in self.sessions.all())

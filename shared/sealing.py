@@ -69,7 +69,8 @@ size_mismatch, bad_field, replay, bad_tag, counter_exhausted, too_many_senders.
 Buffers: recent ``cryptography`` AEAD classes have ``encrypt_into``/``decrypt_into`` (50.0.2 is
 installed here; pyproject's floor of 43 may lack them). We write ciphertext/plaintext straight
 into one uninitialised buffer per payload (``numpy.empty``: no 16 MiB memset) or into
-caller-provided ``out`` buffers. Without them we fall back to ``encrypt``/``decrypt`` (one extra
+caller-provided ``out`` buffers (the codecs pass pooled ones: ``shared.buffers``, so a training
+step allocates no payload buffers once warm). Without them we fall back to ``encrypt``/``decrypt`` (one extra
 allocation and copy per payload).
 """
 
@@ -574,18 +575,30 @@ def accept_hello(hello: bytes | memoryview, trunk_keys: TrunkKeys, lookup_fn: Lo
 # ---------------------------------------------------------------- whole messages
 
 
-def seal_message(session: Session, msg: Message) -> list:
-    """``message_to_wire`` + ``seal``: frames to send. Text cannot be sealed (send ERRORs unsealed)."""
+def seal_message(session: Session, msg: Message, take: Callable[[int], memoryview] | None = None) -> list:
+    """``message_to_wire`` + ``seal``: frames to send. Text cannot be sealed (send ERRORs unsealed).
+
+    ``take(nbytes)``: where the ciphertexts go (e.g. ``shared.buffers.BufferPool.take``, so the hot
+    path reuses its buffers); default a fresh buffer per payload.
+    """
     if msg.text is not None:
         raise SealError("bad_field", "text frames cannot be sealed")
     frames = message_to_wire(msg)
-    return session.seal(frames[0], frames[1:])
+    out = None
+    if take is not None and HAS_INTO:
+        out = [take(memoryview(p).nbytes + SEAL_OVERHEAD) for p in frames[1:]]
+    return session.seal(frames[0], frames[1:], out)
 
 
-def open_message(session: Session, frames: Sequence, max_tensor_bytes: int | None = None) -> Message:
-    """Validate, authenticate, decrypt and schema-check a sealed message. ``seq`` is the nonce seq."""
+def open_message(session: Session, frames: Sequence, max_tensor_bytes: int | None = None,
+                 take: Callable[[int], memoryview] | None = None) -> Message:
+    """Validate, authenticate, decrypt and schema-check a sealed message. ``seq`` is the nonce seq.
+
+    ``take(nbytes)``: where the plaintexts go; the returned tensors alias those buffers.
+    """
     header, header_bytes, payloads, _ = split_frames(frames, max_tensor_bytes or session.max_tensor_bytes)
-    bufs = session.open(header_bytes, payloads, header=header)
+    out = [take(d.nbytes) for d in header.tensors] if take is not None and HAS_INTO else None
+    bufs = session.open(header_bytes, payloads, out=out, header=header)
     tensors = [tensor_from_wire(d, b) for d, b in zip(header.tensors, bufs)]
     msg = Message(header.kind, header.run_id, header.silo_id, header.round, header.step, header.seq, tensors)
     check_schema(msg)

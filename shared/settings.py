@@ -66,6 +66,8 @@ class CryptoSettings(ModelSettings):
     cipher: Literal["aes-gcm", "chacha20"] = Field("aes-gcm", description="AEAD (chacha20 for CPUs without AES instructions)")
     keys_dir: Path | None = Field(None, description="this role's key directory (from `splitfed keys gen`)")
     curve_broker_key: str | None = Field(None, description="the broker's CurveZMQ public key (Z85) or certificate file")
+    checkpoint_dir: Path | None = Field(None, description="write round checkpoints here and resume from them "
+                                        "after a crash (none: a restart cannot resume)")
 
 
 class BrokerSettings(CommonSettings):
@@ -74,6 +76,16 @@ class BrokerSettings(CommonSettings):
     mode: Mode = Field("serial", description="training mode")
     silos: str = Field("", description="comma-separated silo ids of the run (empty: read from Redis run metadata)")
     encryption: bool = Field(True, description="silos must register with a token signed by their enrolled identity")
+    batch_max_silos: int = Field(0, ge=0, description="client-batch: most silos in one trunk batch (0: every active silo)")
+    batch_window_ms: int = Field(10000, ge=1, description="client-batch: longest wait for a step's FORWARDs "
+                                 "after the first one; later silos skip the step")
+    round_timeout_s: float = Field(120.0, gt=0, description="longest wait for the silos of a round to join its "
+                                   "aggregation; later ones keep their own weights for that round")
+    max_inflight: int = Field(2, ge=1, description="hierarchical: open steps per trunk worker (bounds its "
+                              "activation memory; more wait at the broker)")
+    aggregation: Literal["fedavg", "none"] = Field("fedavg", description="at each round's end: secure FedAvg of "
+                                                   "the silos' head/tail weights, or none")
+    personalize: bool = Field(False, description="hierarchical: keep each silo's trunk adapter (no trunk FedAvg)")
     curve_allow_dir: Path | None = Field(None, description="directory of client public certificates admitted by ZAP")
 
 
@@ -82,6 +94,10 @@ class TrunkSettings(CryptoSettings):
     worker_id: Identifier = Field("trunk0", description="this worker's id")
     device: str = Field("cpu", description="torch device of the trunk ('cpu', 'cuda', 'cuda:1')")
     max_pending: int = Field(64, ge=1, description="forward graphs kept while waiting for their backward")
+    mode: Mode = Field("serial", description="training mode (hierarchical: one trunk adapter per silo)")
+    straggler_timeout_s: float = Field(60.0, gt=0, description="client-batch: longest wait for a batch's "
+                                       "gradients; missing slices count as zero")
+    save_dir: Path | None = Field(None, description="on exit, write the trunk's trainable tensors here (trunk.safetensors)")
 
 
 class SiloSettings(CryptoSettings):
@@ -98,4 +114,17 @@ class SiloSettings(CryptoSettings):
     report_loss: bool = Field(True, description="publish each step's loss to Redis for monitoring")
     results: Path | None = Field(None, description="write losses and final adapter metadata here (JSON)")
     save_dir: Path | None = Field(None, description="write the final head/tail trainable tensors here (safetensors)")
+    cut_clip_norm: float | None = Field(None, gt=0, description="privacy: clip each cut activation token to this "
+                                        "L2 norm before it leaves the silo (see `splitfed audit invert`)")
+    cut_noise_sigma: float = Field(0.0, ge=0, description="privacy: Gaussian noise std added to the clipped cut "
+                                   "activations (0: none)")
+    cut_noise_seed: int | None = Field(None, ge=0, description="SECRET seed of that noise (default: random per "
+                                       "process; never share it with the trunk operator)")
+    generate: Path | None = Field(None, description="after training, complete these JSONL prompts by split generation "
+                                  "through the trunk (KV caches on both sides)")
+    generate_out: Path | None = Field(None, description="write the generated texts and per-step frame sizes here (JSON)")
+    max_new_tokens: int = Field(16, ge=1, le=1024, description="tokens per completion with --generate (greedy)")
+    micro_batches: int = Field(1, ge=1, description="serial mode: cut each step's batch into this many micro-batches "
+                               "(gradient accumulation, one optimizer step); the silo computes the next one's head "
+                               "while the trunk works on the previous")
 

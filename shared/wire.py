@@ -32,6 +32,7 @@ from shared.protocol import (
     FLOAT_WIRE_DTYPES,
     ID_FIELD_BYTES,
     ITEMSIZE,
+    MAX_BUNDLE,
     MAX_HANDSHAKE_BYTES,
     MAX_NDIM,
     MAX_TENSORS,
@@ -293,6 +294,40 @@ def message_from_wire(
     return msg
 
 
+# ---------------------------------------------------------------- bundles (client-batch)
+
+
+def bundle_to_wire(bundle: Message, members: Sequence[Sequence[bytes | memoryview]]) -> list:
+    """One BUNDLE header, then each member message's frames as they arrived (still sealed)."""
+    if not 0 < len(members) <= MAX_BUNDLE:
+        raise ValueError(f"a bundle holds 1..{MAX_BUNDLE} members, not {len(members)}")
+    head = dataclasses.replace(bundle, kind=Kind.BUNDLE, seq=len(members), tensors=[], text=None)
+    return [*message_to_wire(head), *(f for m in members for f in m)]
+
+
+def bundle_from_wire(frames: Sequence[bytes | memoryview], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+                     ) -> tuple[Header, list[list]]:
+    """Split a BUNDLE into its members' frame lists (each still to be opened by a codec)."""
+    if not frames:
+        raise FrameError("truncated", "empty message")
+    bundle = header_from_wire(frames[0], max_tensor_bytes)
+    if bundle.kind != Kind.BUNDLE or bundle.tensors or bundle.has_text:
+        raise FrameError("schema", "a bundle header is a BUNDLE without tensors or text")
+    if not 0 < bundle.seq <= MAX_BUNDLE:
+        raise FrameError("schema", f"bundle of {bundle.seq} members (1..{MAX_BUNDLE})")
+    members, at = [], 1
+    for _ in range(bundle.seq):
+        if at >= len(frames):
+            raise FrameError("frame_count", f"bundle says {bundle.seq} members, found {len(members)}")
+        head = header_from_wire(frames[at], max_tensor_bytes)
+        width = 1 + len(head.tensors) + (1 if head.has_text else 0)
+        members.append(list(frames[at:at + width]))
+        at += width
+    if at != len(frames):
+        raise FrameError("frame_count", f"{len(frames) - at} frames after the bundle's {bundle.seq} members")
+    return bundle, members
+
+
 # ---------------------------------------------------------------- per-kind schema
 
 _HIDDEN = "hidden"
@@ -300,12 +335,12 @@ _HIDDEN = "hidden"
 
 def check_schema(msg: Message) -> None:
     """Each kind carries a fixed set of tensors; shapes must agree with each other."""
-    kinds_with_hidden_only = (Kind.FORWARD_RESULT, Kind.BACKWARD)
+    kinds_with_hidden_only = (Kind.FORWARD_RESULT, Kind.BACKWARD, Kind.GENERATE_RESULT)
     t = msg.tensors
-    if msg.kind == Kind.FORWARD:
+    if msg.kind in (Kind.FORWARD, Kind.GENERATE):
         # [hidden float (B,T,H), attention mask uint8 (B,T), position ids int32/int64 (B,T)]
         if len(t) != 3:
-            raise FrameError("schema", f"FORWARD carries 3 tensors, got {len(t)}")
+            raise FrameError("schema", f"{msg.kind.name} carries 3 tensors, got {len(t)}")
         _check_hidden(t[0])
         b, s = t[0].shape[:2]
         if t[1].dtype != torch.uint8 or tuple(t[1].shape) != (b, s):
@@ -324,6 +359,12 @@ def check_schema(msg: Message) -> None:
     elif msg.kind in (Kind.HELLO, Kind.HELLO_ACK):
         if len(t) != 1 or t[0].dtype != torch.uint8 or t[0].dim() != 1 or not 0 < t[0].numel() <= MAX_HANDSHAKE_BYTES:
             raise FrameError("schema", f"{msg.kind.name} carries one uint8 vector of at most {MAX_HANDSHAKE_BYTES} bytes")
+    elif msg.kind in (Kind.AGG_UPLOAD, Kind.AGG_RESULT):
+        if len(t) != 1 or t[0].dtype != torch.int64 or t[0].dim() != 1 or t[0].numel() < 2:
+            raise FrameError("schema", f"{msg.kind.name} carries one int64 vector of >= 2 elements")
+    elif msg.kind == Kind.TRUNK_SYNC:
+        if len(t) != 1 or t[0].dtype != torch.uint8 or t[0].dim() != 1 or t[0].numel() == 0:
+            raise FrameError("schema", "TRUNK_SYNC carries one non-empty uint8 vector")
     elif msg.kind in kinds_with_hidden_only:
         if len(t) != 1:
             raise FrameError("schema", f"{msg.kind.name} carries 1 tensor, got {len(t)}")
