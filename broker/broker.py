@@ -20,16 +20,31 @@ import time
 from dataclasses import dataclass
 
 import zmq
+from redis import RedisError
 
+from broker.assignment import Assignment
+from broker.batch_window import BatchWindow
+from broker.generation_routes import GenerationRoutes
+from broker.rounds import RoundAggregator
 from broker.serial import SerialScheduler
+from broker.trunk_rounds import TrunkRounds
 from shared import keys as keystore
 from shared.metrics import RoleMetrics
-from shared.protocol import Kind
+from shared.protocol import GENERATION_KINDS, Kind
 from shared.registration import verify_registration
-from shared.registry import Heartbeat, Registry
+from shared.registry import Heartbeat, Registry, retry_redis
 from shared.settings import BrokerSettings
 from shared.transport import ServerSecurity
-from shared.wire import FrameError, Header, Message, message_from_wire, message_to_wire, split_frames
+from shared.wire import (
+    FrameError,
+    Header,
+    Message,
+    bundle_to_wire,
+    header_from_wire,
+    message_from_wire,
+    message_to_wire,
+    split_frames,
+)
 
 log = logging.getLogger("broker")
 
@@ -44,27 +59,40 @@ class Worker:
 
 class Broker:
     def __init__(self, settings: BrokerSettings, registry: Registry, silos: list[str], local_steps: int | None) -> None:
-        if settings.mode != "serial":
-            raise NotImplementedError(f"mode {settings.mode!r} is not implemented yet; use --mode serial")
         self.settings = settings
         self.registry = registry
         self.run_id = settings.run_id
         self.silos = list(silos)
         self.local_steps = local_steps
-        self.scheduler = SerialScheduler(self.silos)
+        self.mode = settings.mode
+        self.assignment = Assignment(registry) if self.mode == "hierarchical" else None
+        self.left: set[str] = set()
+        self.away: set[str] = set()  # silent past round_timeout_s: skipped until they register again
         self.silo_identity: dict[str, bytes] = {}
+        self._reset_schedule()
+        self._next_tick = 0.0
+        self.started_at = time.monotonic()
+        # Recovery: a broker started again for a run in progress resumes every peer from the last
+        # committed round (each role holds a checkpoint of it), as does a restart of any peer.
+        self.epoch = registry.broker_epoch()
+        self.committed_round = registry.committed_round()
+        self.incarnation: dict[str, str] = {}  # peer -> the process instance it registered as
+        # After a rollback every peer says READY again before its frames count: whatever it sent
+        # before (stale steps of the abandoned timeline) arrives earlier on its connection, and is dropped.
+        self.rolling_back: set[str] = set()
+        if self.epoch > 1:
+            log.warning("broker restarted (epoch %d): every peer resumes from round %d", self.epoch, self.committed_round)
         self.silo_seen: dict[str, float] = {}  # last frame from each silo's registered connection
         self.ready_ts: dict[str, int] = {}  # newest accepted registration token per silo
         self.workers: dict[str, Worker] = {}
+        self.purged: dict[str, Worker] = {}  # declared dead; readmitted if their heartbeat comes back
         self._next_worker = 0
         self.step_worker: dict[str, str] = {}  # silo -> worker holding its open step's graph
+        self.generation_routes = GenerationRoutes()
         # Every worker must hold a silo's session: hellos go to all workers, and the latest one per
         # silo is replayed to workers that join later. One ack per (silo, round) goes back.
         self.latest_hello: dict[str, list] = {}
         self.acked: set[tuple[str, int]] = set()
-        self.completed: dict[str, int] = {s: 0 for s in self.silos}
-        self.left: set[str] = set()
-        self.committed_round = -1
         self.stats = {"routed": 0, "rejected": 0}
         self._stopping = False
 
@@ -78,6 +106,9 @@ class Broker:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable sends raise instead of vanishing
+        if address == self.settings.backend_bind:
+            # A restarted worker reconnects under its old identity: it takes the identity over at once.
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.security.secure(sock)
         sock.bind(address)
         return sock
@@ -105,7 +136,8 @@ class Broker:
                     self.metrics.received(frames)
                     self.process_trunk(identity.bytes, frames)
                 self._dispatch()
-                self.metrics.queue_depth(self.scheduler.waiting)
+                self._tick()
+                self.metrics.queue_depth(self._waiting())
         finally:
             heartbeat.stop()
             self.registry.leave("broker", "broker", status="stopped")
@@ -128,7 +160,7 @@ class Broker:
         if header is None:
             return
         silo = header.silo_id
-        if silo not in self.completed:
+        if silo not in self.silos:
             self._reject("unknown_silo", f"silo {silo!r} is not a member of run {self.run_id}", self.frontend, identity, header)
             return
         if header.kind == Kind.READY:
@@ -152,35 +184,68 @@ class Broker:
             self.silo_identity[silo] = identity
             self.silo_seen[silo] = time.monotonic()
             self.left.discard(silo)
-            self._send(self.frontend, identity, Message(Kind.READY, self.run_id, silo))
-            log.info("silo %s ready", silo)
+            if self.window is not None:
+                self.window.silo_registered(silo)
+            self._admit(silo, header, "silo", frames)
+            self.rolling_back.discard(silo)
+            self._send(self.frontend, identity, Message(Kind.READY, self.run_id, silo, text=f"resume={self.committed_round}"))
+            log.info("silo %s ready (resumes after round %d)", silo, self.committed_round)
+            return
+        if silo not in self.silo_identity:
+            # Not registered with this broker (it restarted, or the silo never said READY).
+            self._reject("register", f"{silo} is not registered with this broker (say READY)", self.frontend,
+                         identity, header)
             return
         if self.silo_identity.get(silo) != identity:
             # A peer may not speak for a silo it did not register as.
             self._reject("identity_mismatch", f"frame for {silo!r} from another connection", self.frontend, identity, header)
             return
         self.silo_seen[silo] = time.monotonic()
+        if silo in self.rolling_back and header.kind != Kind.HEARTBEAT:
+            self._redis("count", self.registry.count_rejected, "stale_after_rollback")
+            return
         if header.kind == Kind.HELLO:
             self.latest_hello[silo] = frames
             self.acked.discard((silo, header.round))
             for worker in self.workers.values():
                 self._forward_to_worker(worker, frames)
         elif header.kind == Kind.FORWARD:
-            if not self.scheduler.submit(silo, frames):
-                self._reject("queue_full", f"too many FORWARDs waiting for {silo}'s turn", self.frontend, identity, header)
+            self._submit_forward(silo, header, frames, identity)
         elif header.kind == Kind.BACKWARD:
             worker = self.step_worker.get(silo)
             if worker is None or worker not in self.workers:
                 self._reject("no_open_step", f"BACKWARD step {header.step} without an open step", self.frontend, identity, header)
                 return
             self._forward_to_worker(self.workers[worker], frames)
+        elif header.kind == Kind.AGG_JOIN:
+            self.rounds.join(silo, header.round, header.seq, self._active_silos())
+        elif header.kind == Kind.AGG_UPLOAD:
+            try:
+                upload = message_from_wire([f.buffer for f in frames], self.settings.max_tensor_bytes).tensors[0]
+            except FrameError as exc:
+                self._reject(exc.reason, exc.detail, self.frontend, identity, header)
+                return
+            if why := self.rounds.upload(silo, header.round, header.seq, upload):
+                self._reject("aggregation", why, self.frontend, identity, header)
+        elif header.kind == Kind.CHECKPOINTED:
+            self.rounds.checkpointed(silo, header.round)
+        elif header.kind in GENERATION_KINDS:  # split generation: to the worker holding the cache, no turn taken
+            worker = self.generation_routes.pick(header, self.workers)
+            if worker is None and header.kind == Kind.GENERATE:
+                self._reject("no_generation", "no trunk worker holds a generation for this silo", self.frontend, identity, header)
+                return
+            if worker is not None:  # an END for no open generation has nothing to free
+                self._forward_to_worker(worker, frames)
         elif header.kind == Kind.DISCONNECT:
             log.info("silo %s finished", silo)
             self.left.add(silo)
-            self.scheduler.silo_done(silo)
-            self._maybe_commit_rounds()
+            if self.scheduler is not None:
+                self.scheduler.silo_done(silo)
+            if self.window is not None:
+                self.window.silo_done(silo)
+            self.rounds.drop(silo, "left the run")
             if self.left >= set(self.silos):
-                self.registry.finish_rounds()
+                self._redis("finish the rounds", self.registry.finish_rounds)
         elif header.kind == Kind.HEARTBEAT:
             pass
         else:
@@ -191,7 +256,7 @@ class Broker:
         if not msg.tensors:
             raise FrameError("bad_registration", f"READY for {silo} carries no signed registration token")
         return verify_registration(bytes(msg.tensors[0].numpy()), self.run_id, silo,
-                                   lambda s: keystore.lookup(self.registry, s), self.ready_ts.get(silo))
+                                   lambda s: retry_redis(keystore.lookup, self.registry, s, attempts=8), self.ready_ts.get(silo))
 
     # ------------------------------------------------------------------ trunk side
     def process_trunk(self, identity: bytes, frames: list) -> None:
@@ -201,13 +266,34 @@ class Broker:
         if header.kind == Kind.READY:
             worker_id = header.silo_id  # a worker's READY names the worker in the id field
             self.workers[worker_id] = Worker(worker_id, identity)
-            self._send(self.backend, identity, Message(Kind.READY, self.run_id, worker_id))
+            self.purged.pop(worker_id, None)
+            new_process = self._admit(worker_id, header, "worker", frames)
+            self.rolling_back.discard(worker_id)
+            self._send(self.backend, identity, Message(Kind.READY, self.run_id, worker_id,
+                                                       text=f"resume={self.committed_round}"))
             log.info("trunk worker %s ready", worker_id)
-            for hello in self.latest_hello.values():
-                self._route(self.backend, identity, hello)
+            if new_process:  # it holds no sessions yet: give it the silos' current handshakes
+                for hello in self.latest_hello.values():
+                    self._route(self.backend, identity, hello)
+            return
+        sender = next((w.worker_id for w in self.workers.values() if w.identity == identity), None)
+        if sender in self.rolling_back and header.kind != Kind.HEARTBEAT:
+            self._redis("count", self.registry.count_rejected, "stale_after_rollback")
             return
         if header.kind == Kind.HEARTBEAT:
-            return  # worker liveness is in Redis (TTL keys); dead-worker handling is the reliability issue
+            if sender is None:
+                self._send(self.backend, identity, Message(Kind.ERROR, self.run_id, header.silo_id,
+                                                           text="register: unknown to this broker"))
+            return  # otherwise liveness is in Redis (TTL keys), checked by _tick
+        if header.kind == Kind.TRUNK_SYNC:
+            for w in self.trunk_rounds.relay_targets(header.round, header.silo_id):  # the sender too
+                if w in self.workers:
+                    self._forward_to_worker(self.workers[w], frames)
+            return
+        if header.kind == Kind.ROUND_DONE:
+            if self.trunk_rounds.done(header.round, header.silo_id):
+                self.rounds.trunk_done(header.round)
+            return
         silo = header.silo_id
         target = self.silo_identity.get(silo)
         if target is None:
@@ -219,31 +305,168 @@ class Broker:
                 self.acked.add((silo, header.round))
                 self._route(self.frontend, target, frames)
             return
-        if header.kind in (Kind.FORWARD_RESULT, Kind.BACKWARD_RESULT, Kind.ERROR):
+        if header.kind in (Kind.FORWARD_RESULT, Kind.BACKWARD_RESULT, Kind.ERROR, Kind.GENERATE_RESULT):
             self._route(self.frontend, target, frames)
             if header.kind in (Kind.BACKWARD_RESULT, Kind.ERROR):
-                self.step_worker.pop(silo, None)
-                self.scheduler.step_finished(silo)
-            if header.kind == Kind.BACKWARD_RESULT:
-                self.completed[silo] = header.step + 1
-                self._maybe_commit_rounds()
+                # serial micro-batches: the turn (and the BACKWARD route) lasts until the step's last result
+                if self.scheduler is None or self.scheduler.step_finished(silo, header.kind == Kind.ERROR):
+                    self.step_worker.pop(silo, None)
         else:
             log.warning("unexpected %s from worker dropped", header.kind.name)
             self.registry.count_rejected("unexpected_kind")
 
     # ------------------------------------------------------------------ dispatch and routing
+    def _submit_forward(self, silo: str, header: Header, frames: list, identity: bytes) -> None:
+        if self.scheduler is not None:
+            if not self.scheduler.submit(silo, frames, header.step):
+                self._reject("queue_full", f"too many FORWARDs waiting for {silo}'s turn", self.frontend, identity, header)
+        elif self.window is not None:
+            if why := self.window.submit(silo, header.step, frames):
+                reason = "straggler" if why.startswith("straggler") else "duplicate"
+                self._reject(reason, why, self.frontend, identity, header)
+        else:
+            self.held.append((silo, frames))  # routed at once by _dispatch, to the silo's own worker
+
+    def _ready_workers(self) -> list[str]:
+        return [w for w in self.workers if w not in self.rolling_back]
+
     def _dispatch(self) -> None:
-        if not self.workers:
+        if not self._ready_workers():
             return
-        ready = self.scheduler.next_dispatch()
-        if ready is None:
-            return
-        silo, frames = ready
-        workers = sorted(self.workers)
-        worker = self.workers[workers[self._next_worker % len(workers)]]
+        if self.scheduler is not None:
+            while (ready := self.scheduler.next_dispatch()) is not None:
+                silo, frames = ready
+                # a turn's micro-batches go to the worker holding its first graph
+                worker = self.step_worker.get(silo) or self._round_robin()
+                self._send_step(worker, [silo], frames)
+        elif self.window is not None:
+            for batch in self.window.ready():
+                members = [batch.members[s] for s in sorted(batch.members)]
+                first = header_from_wire(members[0][0].buffer, self.settings.max_tensor_bytes)
+                bundle = Message(Kind.BUNDLE, self.run_id, "broker", first.round, batch.step)
+                self._send_step(self._round_robin(), sorted(batch.members),
+                                bundle_to_wire(bundle, [[f.buffer for f in m] for m in members]))
+        else:
+            # Each worker keeps at most max_inflight steps' graphs: its memory stays bounded however
+            # many silos it serves, and the rest wait here in arrival order.
+            open_steps: dict[str, int] = {}
+            for w in self.step_worker.values():
+                open_steps[w] = open_steps.get(w, 0) + 1
+            held, self.held = self.held, []
+            for silo, frames in held:
+                worker = self.assignment.worker_for(silo, sorted(self._ready_workers()))
+                if worker is None:
+                    self.held.append((silo, frames))
+                    continue
+                if open_steps.get(worker, 0) >= self.settings.max_inflight:
+                    self.held.append((silo, frames))
+                    continue
+                open_steps[worker] = open_steps.get(worker, 0) + 1
+                self._send_step(worker, [silo], frames)
+
+    def _round_robin(self) -> str:
+        workers = sorted(self._ready_workers())
         self._next_worker += 1
-        self.step_worker[silo] = worker.worker_id
-        self._forward_to_worker(worker, frames)
+        return workers[(self._next_worker - 1) % len(workers)]
+
+    def _send_step(self, worker_id: str, silos: list[str], frames: list) -> None:
+        for silo in silos:
+            self.step_worker[silo] = worker_id  # its BACKWARD must reach the graph's holder
+        self._forward_to_worker(self.workers[worker_id], frames)
+
+    def _waiting(self) -> int:
+        if self.scheduler is not None:
+            return self.scheduler.waiting
+        return self.window.waiting if self.window is not None else len(self.held)
+
+    def _active_silos(self) -> set[str]:
+        return set(self.silos) - self.left - self.away
+
+    def _send_to_silo(self, silo: str, msg: Message) -> None:
+        identity = self.silo_identity.get(silo)
+        if identity is not None:
+            self._send(self.frontend, identity, msg)
+
+    # ------------------------------------------------------------------ periodic checks
+    def _tick(self) -> None:
+        """Round timeouts, silent silos and dead workers: about once a heartbeat, never per step."""
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + min(self.settings.heartbeat_s, 0.5)
+        for state in list(self.rounds.rounds.values()):
+            for silo in list(state.participants or ()):
+                if now - self.silo_seen.get(silo, now) > self.settings.liveness_ttl_s:
+                    self.rounds.drop(silo, f"silent for {self.settings.liveness_ttl_s}s")
+        self._mark_away(now)
+        self.rounds.tick(self._active_silos())
+        try:
+            dead = [w for w in self.workers if not self.registry.alive("trunk", w)]
+            back = [w for w in self.purged if self.registry.alive("trunk", w)]
+        except RedisError as exc:  # Redis restarting: judge liveness at the next tick, not now
+            log.warning("Redis unavailable for liveness checks: %s", exc)
+            return
+        for worker_id in dead:
+            self._purge_worker(worker_id)
+        for worker_id in back:  # it was only slow (e.g. a starved CPU)
+            log.warning("trunk worker %s is alive again: readmitted", worker_id)
+            self.workers[worker_id] = self.purged.pop(worker_id)
+
+    def _mark_away(self, now: float) -> None:
+        """A member silo silent (or absent) for round_timeout_s no longer holds the others up."""
+        limit = self.settings.round_timeout_s
+        for silo in self._active_silos():
+            last = self.silo_seen.get(silo, self.started_at)
+            if now - last > limit:
+                log.warning("silo %s silent for %.0fs: the run goes on without it until it registers again", silo, limit)
+                self.away.add(silo)
+                if self.scheduler is not None:
+                    self.scheduler.silo_done(silo)
+                if self.window is not None:
+                    self.window.silo_done(silo)
+                self.rounds.drop(silo, "away")
+
+    def _purge_worker(self, worker_id: str) -> None:
+        log.warning("trunk worker %s is dead (no heartbeat in Redis): purging it", worker_id)
+        self.purged[worker_id] = self.workers.pop(worker_id)
+        for silo, w in list(self.step_worker.items()):
+            if w != worker_id:
+                continue
+            del self.step_worker[silo]  # its open step is lost: the silo sends it again
+            if self.scheduler is not None:
+                self.scheduler.step_finished(silo)
+            if self.window is not None:
+                for sent in self.window.dispatched.values():
+                    sent.discard(silo)
+            self._send_to_silo(silo, Message(Kind.ERROR, self.run_id, silo, text=f"retry: trunk worker {worker_id} lost"))
+        its_silos: set[str] = set()
+        if self.assignment is not None:  # its silos move now, so Redis and `splitfed status` say so
+            its_silos = set(self.assignment.silos_of(worker_id))
+            for silo in sorted(its_silos):
+                self.assignment.worker_for(silo, sorted(self._ready_workers()))
+        finished, resend = self.trunk_rounds.worker_lost(worker_id, its_silos)
+        for rnd, round_ends in resend.items():
+            self._send_round_ends(rnd, round_ends)
+        for rnd in finished:
+            self.rounds.trunk_done(rnd)
+
+    # ------------------------------------------------------------------ trunk averaging (hierarchical)
+    def _start_trunk_sync(self, rnd: int, weights: dict[str, int]) -> bool:
+        """ROUND_END to every worker: checkpoint the round, after averaging the trunk adapters of the
+        participating silos (hierarchical, unless --personalize). True when there are ROUND_DONEs to wait for."""
+        workers = sorted(self._ready_workers())
+        if not workers:
+            return False
+        averaging: list[str] = []
+        if self.assignment is not None and not self.settings.personalize:
+            averaging = sorted({w for s, w in self.assignment.of.items() if s in weights and w in workers})
+        self._send_round_ends(rnd, self.trunk_rounds.start(rnd, workers, averaging, weights))
+        return True
+
+    def _send_round_ends(self, rnd: int, round_ends: list[tuple[str, str | None]]) -> None:
+        for w, text in round_ends:
+            if w in self.workers:
+                self._send(self.backend, self.workers[w].identity, Message(Kind.ROUND_END, self.run_id, w, rnd, text=text))
 
     def _forward_to_worker(self, worker: Worker, frames: list) -> None:
         self._route(self.backend, worker.identity, frames)
@@ -261,21 +484,86 @@ class Broker:
     def _send(self, sock: zmq.Socket, identity: bytes, msg: Message) -> None:
         self._route(sock, identity, message_to_wire(msg))
 
-    # ------------------------------------------------------------------ rounds
-    def _maybe_commit_rounds(self) -> None:
-        """Commit round r once every silo has finished its K steps of r (or left)."""
-        if not self.local_steps:
+    # ------------------------------------------------------------------ rounds and recovery
+    def _reset_schedule(self) -> None:
+        """Fresh scheduling state: at start, and when the run rolls back to a committed round."""
+        s = self.settings
+        self.scheduler = SerialScheduler(self.silos) if self.mode == "serial" else None
+        self.window = (BatchWindow(self.silos, s.batch_window_ms / 1000, s.batch_max_silos, s.round_timeout_s)
+                       if self.mode == "client-batch" else None)
+        for silo in self.left | self.away:
+            if self.scheduler is not None:
+                self.scheduler.silo_done(silo)
+            if self.window is not None:
+                self.window.silo_done(silo)
+        if self.window is not None:
+            for silo in self.silo_identity:
+                self.window.silo_registered(silo)
+        self.held: list[tuple[str, list]] = []  # hierarchical FORWARDs waiting for their worker
+        self.step_worker: dict[str, str] = {}  # silo -> worker holding its open step's graph
+        self.rounds = RoundAggregator(self.run_id, s.round_timeout_s, self._send_to_silo, self._start_trunk_sync,
+                                      self._commit_round, aggregate=s.aggregation == "fedavg")
+        self.trunk_rounds = TrunkRounds()
+
+    def _commit_round(self, rnd: int) -> None:
+        """Every silo and worker has a checkpoint of round ``rnd``: recovery restarts from here."""
+        if rnd <= self.committed_round:
             return
-        k = self.local_steps
-        while True:
-            start = (self.committed_round + 1) * k  # first step of the next uncommitted round
-            complete = all(self.completed[s] >= start + k or s in self.left for s in self.silos)
-            progressed = any(self.completed[s] > start for s in self.silos)  # a last, partial round counts
-            if not (complete and progressed):
-                return
-            self.committed_round += 1
-            self.registry.commit_round(self.committed_round)
-            log.info("round %d committed", self.committed_round)
+        self.committed_round = rnd
+        self._redis(f"commit round {rnd}", self.registry.commit_round, rnd)
+        log.info("round %d committed", rnd)
+
+    def _admit(self, peer: str, header: Header, role: str, frames: list | None = None) -> bool:
+        """A (re)registration. A known peer in a new process means it crashed and lost its state
+        since the last committed round: the whole run goes back there, so nothing is lost or doubled."""
+        incarnation = self._incarnation_of(header, frames)
+        known = self.incarnation.get(peer)
+        self.incarnation[peer] = incarnation
+        if role == "silo" and peer in self.away:
+            # The run went on without it: it rejoins at the next round, nobody rolls back.
+            self.away.discard(peer)
+            log.warning("silo %s is back: it rejoins after round %d", peer, self.committed_round)
+            self._reset_schedule_for_return(peer)
+        elif known is not None and known != incarnation:
+            self._rollback(f"{role} {peer} restarted", exclude=peer)
+        return known != incarnation  # a new process (first start or restart), not a re-registration
+
+    def _incarnation_of(self, header: Header, frames: list | None) -> str:
+        text = None
+        if header.has_text and frames is not None:
+            text = bytes(frames[-1].buffer).decode("utf-8", "replace")
+        return (text or "").removeprefix("incarnation=")
+
+    def _rollback(self, why: str, exclude: str | None = None) -> None:
+        rnd = self.committed_round
+        log.warning("ROLLBACK to the end of round %d: %s", rnd, why)
+        self._redis("count the rollback", self.registry.count_rollback)
+        self._reset_schedule()
+        self.latest_hello.clear()  # every silo handshakes again after the rollback: old hellos are stale
+        self.acked.clear()
+        for silo, identity in self.silo_identity.items():
+            if silo != exclude and silo not in self.left:
+                self.rolling_back.add(silo)
+                self._send(self.frontend, identity, Message(Kind.ROLLBACK, self.run_id, silo, text=str(rnd)))
+        for worker in self.workers.values():
+            if worker.worker_id != exclude:
+                self.rolling_back.add(worker.worker_id)
+                self._send(self.backend, worker.identity, Message(Kind.ROLLBACK, self.run_id, worker.worker_id,
+                                                                  text=str(rnd)))
+
+    def _reset_schedule_for_return(self, silo: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.silo_back(silo)
+        if self.window is not None:
+            self.window.left.discard(silo)
+
+    def _redis(self, what: str, fn, *args):
+        """A Redis call off the hot path that must not take the broker down while Redis restarts."""
+        try:
+            return fn(*args)
+        except RedisError as exc:
+            log.warning("Redis unavailable (%s): %s", what, exc)
+            return None
 
     # ------------------------------------------------------------------ validation
     def _parse(self, frames: list, peer: str, reply_socket: zmq.Socket | None, reply_to: bytes | None) -> Header | None:

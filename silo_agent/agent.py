@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 import time
@@ -25,9 +26,11 @@ import torch
 import zmq
 from safetensors.torch import save_file
 
+from shared import checkpoint
 from shared import keys as keystore
-from shared.adapters import adapter_state_dict, apply_adapter
+from shared.adapters import adapter_state_dict, apply_adapter, unique_parameters
 from shared.codec import PlainCodec
+from shared.cut_defense import CutDefenseConfig, protect_cut_with
 from shared.data import SiloDataset, load_jsonl
 from shared.loss import causal_lm_loss
 from shared.metrics import RoleMetrics
@@ -37,17 +40,51 @@ from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.registration import sign_registration
 from shared.registry import Heartbeat, Registry
 from shared.sealed_codec import SealedCodec
-from shared.sealing import make_hello
+from shared.sealing import SealError, make_hello
 from shared.settings import SiloSettings
+from shared.step_timeline import StepTimeline
 from shared.tokenizer import load_tokenizer
 from shared.transport import client_socket
 from shared.wire import FrameError, Message
+from silo_agent.aggregation import RoundAggregation
+from silo_agent.generation import generate_live
+from silo_agent.microbatch import run_microbatched_step
 
 log = logging.getLogger("silo")
+
+MAX_STEP_ATTEMPTS = 3
 
 
 class PeerError(RuntimeError):
     """The broker or trunk refused a step or stopped answering."""
+
+
+class Rollback(RuntimeError):
+    """A role restarted: go back to the end of round ``round`` (its checkpoint) and go on from there."""
+
+    def __init__(self, text: str | None) -> None:
+        super().__init__(f"the broker asks to resume from round {text}")
+        self.round = resume_round(text)
+
+
+class Reregister(RuntimeError):
+    """The broker does not know this connection (it restarted): register again."""
+
+
+def resume_round(text: str | None) -> int:
+    """The round to resume from in a READY ack or ROLLBACK ("resume=R"; -1 = before the first)."""
+    try:
+        return checkpoint.parse_resume(text)
+    except ValueError as exc:
+        raise PeerError(f"{exc} from the broker") from None
+
+
+class Retry(RuntimeError):
+    """The broker lost the trunk worker holding this step (nothing was applied): send it again."""
+
+
+class Straggler(RuntimeError):
+    """Client-batch: this silo's slice was dropped from its step's trunk batch (it came late)."""
 
 
 class SiloAgent:
@@ -63,16 +100,26 @@ class SiloAgent:
         )
         self.head, self.tail = build_silo_parts(model_dir, settings.head_layers, settings.tail_layers)
         cfg = settings.adapter_config()
-        trainable = apply_adapter(self.head, cfg, settings.seed) + apply_adapter(self.tail, cfg, settings.seed)
+        trainable = unique_parameters(apply_adapter(self.head, cfg, settings.seed), apply_adapter(self.tail, cfg, settings.seed))
         self.optimizer = make_optimizer(trainable, settings.lr, settings.weight_decay)
+        self.trainable = trainable
         self.history: list[dict] = []
+        self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
+        defense = {"clip_norm": settings.cut_clip_norm, "sigma": settings.cut_noise_sigma}
+        if settings.cut_noise_seed is not None:
+            defense["seed"] = settings.cut_noise_seed
+        self.cut_defense = CutDefenseConfig(**defense)
         self._stopping = False
         self.metrics = RoleMetrics("silo", settings.silo_id, settings.metrics_port, settings.metrics_addr)
         self.codec = self._make_codec(settings)
+        self.timeline = StepTimeline(self.codec, self.metrics)  # per-step parts, for `bench step`
         self.crypto_s = 0.0
         self.ctx = zmq.Context.instance()
         self.sock = client_socket(self.ctx, settings.silo_id, settings.broker_frontend, settings.curve, settings.curve_cert,
                                   settings.curve_broker_key)
+        self.aggregation = RoundAggregation(
+            settings.silo_id, settings.run_id, trainable, self.dataset.num_examples, registry,
+            self.keys.x25519 if isinstance(self.codec, SealedCodec) else None, self._send, self._await_match)
 
     def _make_codec(self, settings: SiloSettings):
         if not settings.encryption:
@@ -94,32 +141,66 @@ class SiloAgent:
                                     max_tensor_bytes=s.max_tensor_bytes)
         self._send(Message(Kind.HELLO, s.run_id, s.silo_id, rnd, step,
                            tensors=[torch.frombuffer(bytearray(hello), dtype=torch.uint8)]))
-        ack = self._await(Kind.HELLO_ACK, step)
-        # Raises SealError("fingerprint_mismatch") unless the trunk holds the key pinned in our settings.
-        self.codec.sessions.add(pending.complete_ack(bytes(ack.tensors[0].numpy()), s.trunk_fingerprint))
+        for _ in range(3):
+            ack = self._await(Kind.HELLO_ACK, step)
+            try:
+                # Raises SealError("fingerprint_mismatch") unless the trunk holds the key pinned in our settings.
+                session = pending.complete_ack(bytes(ack.tensors[0].numpy()), s.trunk_fingerprint)
+                break
+            except SealError as exc:
+                if exc.reason != "bad_ack":
+                    raise
+                # An ack of an earlier hello of ours (e.g. replayed to a restarted trunk) can still be
+                # in flight: it fails key confirmation. Wait for the one that answers this hello.
+                log.warning("ignoring a HELLO_ACK that does not confirm this hello")
+        else:
+            raise PeerError("no HELLO_ACK confirmed this round's hello")
+        self.codec.sessions.add(session)
         log.info("round %d: session established with trunk %s", rnd, s.trunk_fingerprint[:23])
 
     # ------------------------------------------------------------------ lifecycle
-    def run(self) -> int:
+    def run(self, between_steps=None) -> int:
+        """``between_steps(step)``: called after each step (`splitfed bench step` interleaves the
+        centralized step there, so both are timed under the same machine load)."""
         s = self.settings
         self.registry.join("silo", s.silo_id, samples=len(self.dataset), steps=s.steps)
         heartbeat = Heartbeat(self.registry, "silo", s.silo_id, s.heartbeat_s, s.liveness_ttl_s,
                               status_fn=self._progress_fields).start()
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stopping", True))
+        signal.signal(signal.SIGTERM, self._on_sigterm)
         started = time.perf_counter()
         try:
-            self._register()
+            if s.checkpoint_dir is not None and not checkpoint.rounds_on_disk(self._checkpoints):
+                self._save_checkpoint(-1)  # the state before step 0: where a rollback of round 0 returns
+            step = self._resume(self._register())
             progress = _progress_bar(s.steps, s.silo_id)
-            for step in range(s.steps):
+            loss = float("nan")
+            while step < s.steps:
                 if self._stopping:
                     log.info("stopping after step %d on SIGTERM", step - 1)
                     break
-                loss = self.train_step(step)
+                try:
+                    loss = self.train_step(step)
+                    if (step + 1) % s.local_steps == 0 or step + 1 == s.steps:
+                        self._end_round(step // s.local_steps)
+                    if between_steps is not None:
+                        between_steps(step)
+                    step += 1
+                except Rollback as exc:
+                    # Say READY again: the broker ignores this silo's frames until then, so
+                    # nothing sent before the rollback can mix into the replayed steps.
+                    log.warning("rolling back to the end of round %d: %s", exc.round, exc)
+                    self._register()
+                    step = self._resume(exc.round)
+                except Reregister as exc:
+                    log.warning("registering again: %s", exc)
+                    step = self._resume(self._register())
                 if progress is not None:
-                    progress.set_postfix(round=step // s.local_steps, loss=f"{loss:.4f}", refresh=False)
-                    progress.update(1)
+                    progress.n = step
+                    progress.set_postfix(round=step // s.local_steps, loss=f"{loss:.4f}", refresh=True)
             if progress is not None:
                 progress.close()
+            if s.generate is not None and not self._stopping:  # split generation through the trunk
+                generate_live(self, round_no=(s.steps - 1) // s.local_steps)  # the last round's session
             self._send(Message(Kind.DISCONNECT, s.run_id, s.silo_id))
             if fields := self._progress_fields():  # the last step, which the heartbeat may not have seen
                 self.registry.update("silo", s.silo_id, **fields)
@@ -130,15 +211,67 @@ class SiloAgent:
         self._write_results(time.perf_counter() - started)
         return 0
 
+    def _on_sigterm(self, *_: object) -> None:
+        """First SIGTERM: finish the current step, then stop. Second: stop now."""
+        if self._stopping:
+            raise SystemExit(143)
+        self._stopping = True
+
+    # ------------------------------------------------------------------ rounds, checkpoints, recovery
+    @property
+    def _checkpoints(self) -> Path:
+        return self.settings.checkpoint_dir / self.settings.silo_id
+
+    def _end_round(self, rnd: int) -> None:
+        """The round barrier (and FedAvg), then this silo's checkpoint of the round."""
+        self.aggregation.run(rnd)
+        if self.settings.checkpoint_dir is not None:
+            self._save_checkpoint(rnd)
+        self._send(Message(Kind.CHECKPOINTED, self.settings.run_id, self.settings.silo_id, rnd))
+
+    def _save_checkpoint(self, rnd: int) -> None:
+        tensors = {f"param/{i}": p for i, p in enumerate(self.trainable)}
+        tensors.update(checkpoint.optimizer_tensors(self.optimizer))
+        checkpoint.save(self._checkpoints, rnd, tensors, {"round": rnd, "history": self.history})
+
+    def _resume(self, rnd: int) -> int:
+        """Load the checkpoint of round ``rnd`` (-1: the initial state); return the next step."""
+        s = self.settings
+        first = (rnd + 1) * s.local_steps
+        if rnd == -1 and not self.history:
+            return 0  # nothing trained yet: the fresh state is the initial state
+        if s.checkpoint_dir is None:
+            raise PeerError(f"the run rolls back to round {rnd}, but this silo keeps no checkpoints "
+                            "(start it with --checkpoint-dir)")
+        loaded = checkpoint.load(self._checkpoints, rnd)
+        if loaded is None:
+            # Rounds went on without this silo (it was away): rejoin at the next round with the
+            # newest weights it has; the next aggregation brings it up to date.
+            older = [r for r in checkpoint.rounds_on_disk(self._checkpoints) if r < rnd]
+            if not older:
+                raise PeerError(f"no checkpoint of round {rnd} (or older) in {self._checkpoints}")
+            log.warning("no checkpoint of round %d: rejoining with this silo's round %d weights", rnd, older[-1])
+            loaded = checkpoint.load(self._checkpoints, older[-1])
+        tensors, meta = loaded
+        with torch.no_grad():
+            for i, p in enumerate(self.trainable):
+                p.copy_(tensors[f"param/{i}"])
+        checkpoint.load_optimizer_tensors(self.optimizer, tensors)
+        self._zero_grad()
+        self.history = meta.get("history", [])
+        log.info("resumed from the checkpoint of round %d: next step %d", rnd, first)
+        return first
+
     def _progress_fields(self) -> dict:
         """The latest step for `splitfed status` and the demo (empty before the first step)."""
-        if not self.settings.report_loss or not self.history:
+        done = [h for h in self.history if not h.get("skipped")]
+        if not self.settings.report_loss or not done:
             return {}
-        last = self.history[-1]
+        last = done[-1]
         return {"round": last["round"], "step": last["step"], "loss": f"{last['loss']:.6f}",
                 "updated_at": f"{time.time():.3f}"}
 
-    def _register(self) -> None:
+    def _register(self) -> int:
         """READY until accepted. After a restart the broker may still hold our old connection:
         it frees the id once that one has been silent for liveness_ttl_s, so retry with back-off."""
         s = self.settings
@@ -148,10 +281,15 @@ class SiloAgent:
             if isinstance(self.codec, SealedCodec):  # prove we hold the enrolled identity
                 raw = sign_registration(self.keys, s.run_id, s.silo_id)
                 token = [torch.frombuffer(bytearray(raw), dtype=torch.uint8)]
-            self._send(Message(Kind.READY, s.run_id, s.silo_id, tensors=token))
+            self._send(Message(Kind.READY, s.run_id, s.silo_id, tensors=token, text=f"incarnation={self.incarnation}"))
             try:
-                self._await(Kind.READY, step=0)
+                ack = self._await(Kind.READY, step=0)
                 break
+            except (Reregister, Rollback) as exc:
+                # Replies to what we sent before this READY (e.g. heartbeats to a restarted broker):
+                # the READY's own answer says where to resume. Say READY again, at most twice a second.
+                log.info("while registering: %s", exc)
+                time.sleep(0.5)
             except PeerError as exc:
                 if "identity_taken" not in str(exc) or time.monotonic() + delay > deadline:
                     raise
@@ -159,21 +297,50 @@ class SiloAgent:
                 time.sleep(delay)
                 delay *= 2
         log.info("silo %s registered with the broker (%d examples)", s.silo_id, self.dataset.num_examples)
+        return resume_round(ack.text)
 
     # ------------------------------------------------------------------ one training step
     def train_step(self, step: int) -> float:
         s = self.settings
         started = time.perf_counter()
+        self.timeline.step_started()
         rnd = step // s.local_steps
         if isinstance(self.codec, SealedCodec) and step % s.local_steps == 0:
             self._handshake(rnd, step)
         batch = self.dataset.batch(step)
+        if s.micro_batches > 1:
+            return self._record_step(step, rnd, *run_microbatched_step(self, step, rnd, batch), started)
         mask = batch.attention_mask
         positions = positions_from_mask(mask)
 
         h1 = self.head(batch.input_ids, mask, positions)
-        self._send(Message(Kind.FORWARD, s.run_id, s.silo_id, rnd, step, tensors=[
-            h1.detach().to(self.wire_dtype), mask.to(torch.uint8), positions.to(torch.int32)]))
+        if self.cut_defense.enabled:  # blur what the trunk operator could invert, before sealing
+            h1 = protect_cut_with(self.cut_defense, h1, mask, s.silo_index, rnd, step)
+        forward = Message(Kind.FORWARD, s.run_id, s.silo_id, rnd, step, tensors=[
+            h1.detach().to(self.wire_dtype), mask.to(torch.uint8), positions.to(torch.int32)])
+        for attempt in range(1, MAX_STEP_ATTEMPTS + 1):
+            self._send(forward)
+            try:
+                return self._finish_step(step, rnd, batch, h1, mask, positions, started)
+            except Straggler as exc:
+                # Client-batch: the trunk batch of this step went on without us. Rejoin at the next step.
+                log.warning("step %d skipped: %s", step, exc, extra={"silo": s.silo_id, "step": step, "reason": "straggler"})
+                self._zero_grad()
+                self.history.append({"round": rnd, "step": step, "loss": None, "skipped": True})
+                return float("nan")
+            except Retry as exc:
+                # The trunk worker holding this step died before applying it: send the step again
+                # (the head's graph is intact; the tail's gradients of the lost try are dropped).
+                log.warning("step %d, try %d: %s", step, attempt, exc)
+                self._zero_grad()
+        raise PeerError(f"step {step} failed {MAX_STEP_ATTEMPTS} times: trunk workers keep dying")
+
+    def _zero_grad(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _finish_step(self, step, rnd, batch, h1, mask, positions, started) -> float:
+        s = self.settings
         reply = self._await(Kind.FORWARD_RESULT, step)
 
         h2 = reply.tensors[0].to(h1.dtype).requires_grad_(True)
@@ -189,8 +356,13 @@ class SiloAgent:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
 
-        value = float(loss.detach())
-        self.history.append({"round": rnd, "step": step, "loss": value, "trunk_seq": int(reply.tensors[1][0])})
+        return self._record_step(step, rnd, float(loss.detach()), int(reply.tensors[1][0]), started)
+
+    def _record_step(self, step: int, rnd: int, value: float, trunk_seq: int, started: float) -> float:
+        s = self.settings
+        self.history.append({"round": rnd, "step": step, "loss": value, "trunk_seq": trunk_seq,
+                             "t": round(time.time(), 4)})
+        self.timeline.step_done(step)
         self.metrics.step(time.perf_counter() - started)
         # On a terminal the progress bar shows each step; a log line would tear it.
         log.log(logging.DEBUG if sys.stderr.isatty() else logging.INFO, "round %d step %d loss %.4f", rnd, step, value,
@@ -200,23 +372,31 @@ class SiloAgent:
     # ------------------------------------------------------------------ messaging
     def _send(self, msg: Message) -> None:
         frames = self.codec.encode(msg)
-        self.sock.send_multipart(frames, copy=False)
+        with self.timeline.io():
+            self.sock.send_multipart(frames, copy=False)
         self.metrics.sent(frames)
 
     def _await(self, kind: Kind, step: int) -> Message:
         """Wait for ``kind`` of ``step``; stale or malformed replies are dropped, ERROR raises."""
+        return self._await_match(lambda m: m.kind == kind and (kind == Kind.READY or m.step == step),
+                                 f"{kind.name} for step {step}", step)
+
+    def _await_match(self, wanted, what: str, step: int | None = None) -> Message:
         s = self.settings
         deadline = time.monotonic() + s.step_timeout_s
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
-                raise PeerError(f"no {kind.name} for step {step} within {s.step_timeout_s:.0f}s "
+                raise PeerError(f"no {what} within {s.step_timeout_s:.0f}s "
                                 f"(is the broker at {s.broker_frontend} up, with a trunk worker?)")
-            if not self.sock.poll(min(left_ms, int(s.heartbeat_s * 1000))):
+            with self.timeline.io():
+                ready = self.sock.poll(min(left_ms, int(s.heartbeat_s * 1000)))
+            if not ready:
                 # Waiting for our turn: tell the broker this connection is alive.
                 self._send(Message(Kind.HEARTBEAT, s.run_id, s.silo_id))
                 continue
-            frames = self.sock.recv_multipart(copy=False)
+            with self.timeline.io():
+                frames = self.sock.recv_multipart(copy=False)
             self.metrics.received(frames)
             try:
                 msg = self.codec.decode([f.buffer for f in frames])
@@ -225,11 +405,19 @@ class SiloAgent:
                 self.metrics.rejected(exc.reason)
                 log.warning("rejected frame from the broker: %s", exc)
                 continue
+            if msg.kind == Kind.ROLLBACK:
+                raise Rollback(msg.text)
             if msg.kind == Kind.ERROR:
+                if (msg.text or "").startswith("register"):
+                    raise Reregister(msg.text)
+                if (msg.text or "").startswith("straggler") and msg.step == step:
+                    raise Straggler(msg.text)
+                if (msg.text or "").startswith("retry") and step is not None:
+                    raise Retry(msg.text)
                 raise PeerError(f"step {msg.step} refused: {msg.text}")
-            if msg.kind == kind and (kind == Kind.READY or msg.step == step):
+            if wanted(msg):
                 return msg
-            log.warning("dropped unexpected %s for step %d while waiting for %s of step %d", msg.kind.name, msg.step, kind.name, step)
+            log.warning("dropped unexpected %s (round %d step %d) while waiting for %s", msg.kind.name, msg.round, msg.step, what)
 
     # ------------------------------------------------------------------ results
     def _write_results(self, wall_s: float) -> None:
@@ -242,7 +430,8 @@ class SiloAgent:
         if s.results is not None:
             crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
             doc = {"silo_id": s.silo_id, "silo_index": s.silo_index, "steps": self.history, "wall_s": wall_s,
-                   "encryption": isinstance(self.codec, SealedCodec), "crypto_s": crypto_s}
+                   "encryption": isinstance(self.codec, SealedCodec), "crypto_s": crypto_s,
+                   "timeline": list(self.timeline.rows)}
             _atomic(s.results, lambda p: p.write_text(json.dumps(doc, indent=1)))
 
 

@@ -55,3 +55,20 @@ def test_leaving_during_own_turn_frees_the_turn():
     assert s.next_dispatch() == ("a", 1)
     s.silo_done("a")
     assert s.next_dispatch() == ("b", 2)
+
+
+def test_a_turn_holds_all_micro_batches_of_its_step():
+    s = SerialScheduler(["a", "b"])
+    s.submit("a", "a0.0", step=0)
+    s.submit("b", "b0.0", step=0)
+    assert s.next_dispatch() == ("a", "a0.0")
+    s.submit("a", "a0.1", step=0)  # the step's next micro-batch is dispatched at once
+    assert s.next_dispatch() == ("a", "a0.1")
+    s.submit("a", "a1.0", step=1)  # a's next step waits for the next turn
+    assert s.next_dispatch() is None
+    assert s.step_finished("a", whole_turn=False) is False  # one micro-batch answered, one open
+    assert s.next_dispatch() is None
+    assert s.step_finished("a", whole_turn=False) is True
+    assert s.next_dispatch() == ("b", "b0.0")
+    assert s.step_finished("b", whole_turn=True) is True
+    assert s.next_dispatch() == ("a", "a1.0")

@@ -8,26 +8,37 @@ The worker never sees token ids, labels or the loss: only hidden states and thei
 from __future__ import annotations
 
 import logging
+import resource
+import secrets
 import signal
 import time
-from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import zmq
 
+from shared import checkpoint
 from shared import keys as keystore
-from shared.adapters import apply_adapter
+from shared.adapter_files import adapter_metadata, save_adapter_file
+from shared.adapters import adapter_state_dict, apply_adapter
 from shared.codec import PlainCodec
 from shared.metrics import RoleMetrics
 from shared.model_split import build_part
 from shared.optim import make_optimizer
-from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
-from shared.registry import Heartbeat, Registry
+from shared.protocol import GENERATION_KINDS, WIRE_DTYPE_BY_NAME, Kind
+from shared.registry import Heartbeat, Registry, retry_redis
 from shared.sealed_codec import SealedCodec
 from shared.sealing import HelloGuard, SealError, accept_hello
 from shared.settings import TrunkSettings
+from shared.step_timeline import StepTimeline
 from shared.transport import client_socket
-from shared.wire import FrameError, Message, header_from_wire
+from shared.wire import FrameError, Message, bundle_from_wire, header_from_wire
+from trunk_worker.batch_step import BatchSteps
+from trunk_worker.checkpointing import load_trunk, save_trunk
+from trunk_worker.generation import GenerationError, TrunkGenerations
+from trunk_worker.pending_graphs import PendingGraphs
+from trunk_worker.silo_adapters import SiloAdapters
+from trunk_worker.trunk_sync import TrunkSync
 
 log = logging.getLogger("trunk")
 
@@ -49,15 +60,32 @@ class TrunkWorker:
         self.device = torch.device(settings.device)
         self.wire_dtype = WIRE_DTYPE_BY_NAME[settings.wire_dtype]
         self.trunk = build_part(model_dir, "trunk", settings.head_layers, settings.tail_layers).to(self.device)
-        trainable = apply_adapter(self.trunk, settings.adapter_config(), settings.seed)
-        self.optimizer = make_optimizer(trainable, settings.lr, settings.weight_decay)
+        self.trainable = apply_adapter(self.trunk, settings.adapter_config(), settings.seed)
         self.hidden_size = self.trunk.config.hidden_size
         self.compute_dtype = next(self.trunk.parameters()).dtype
-        self.pending: OrderedDict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.adapters: SiloAdapters | None = None
+        self.batches: BatchSteps | None = None
+        if settings.mode == "hierarchical":
+            if settings.adapter == "full":
+                raise ValueError("hierarchical mode keeps one trunk ADAPTER per silo: use --adapter lora or prefix")
+            self.adapters = SiloAdapters(self.trunk, settings.lr, settings.weight_decay)
+            self.optimizer = None  # one per silo, in self.adapters
+        else:
+            self.optimizer = make_optimizer(self.trainable, settings.lr, settings.weight_decay)
+        if settings.mode == "client-batch":
+            self.batches = BatchSteps(self.trunk, self.device, self.compute_dtype, settings.straggler_timeout_s)
+        self.generations = TrunkGenerations(self.trunk, self.device, self.wire_dtype)
+        self.pending = PendingGraphs(settings.max_pending)
         self.updates = 0
+        self.applied: dict[tuple[str, int], Message] = {}  # this round's results, for retried BACKWARDs
+        self.accepted_hellos: dict[str, bytes] = {}
+        self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
         self._stopping = False
         self.metrics = RoleMetrics("trunk", settings.worker_id, settings.metrics_port, settings.metrics_addr)
+        self.keys = None
         self.codec = self._make_codec(settings, registry)
+        self.timeline = StepTimeline(self.codec, self.metrics)  # per-step parts, for `bench step`
+        self.sync = TrunkSync(settings.run_id, settings.worker_id, self.keys)
         self.ctx = zmq.Context.instance()
         self.sock = client_socket(self.ctx, settings.worker_id, settings.broker_backend, settings.curve, settings.curve_cert,
                                   settings.curve_broker_key)
@@ -83,22 +111,37 @@ class TrunkWorker:
         self.registry.join("trunk", s.worker_id, device=str(self.device), adapter=s.adapter)
         heartbeat = Heartbeat(self.registry, "trunk", s.worker_id, s.heartbeat_s, s.liveness_ttl_s,
                               status_fn=lambda: {"updates": self.updates, "pending": len(self.pending)}).start()
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stopping", True))
-        self._send(Message(Kind.READY, s.run_id, s.worker_id))
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if s.checkpoint_dir is not None and not checkpoint.rounds_on_disk(self._checkpoints):
+            self._save_checkpoint(-1)  # the state before any update: where a rollback of round 0 returns
+        self._register()
+        next_beat = time.monotonic() + s.heartbeat_s
         log.info("trunk worker %s up on %s (%d trainable tensors)", s.worker_id, self.device,
                  0 if self.optimizer is None else len(self.optimizer.param_groups[0]["params"]))
         try:
             while not self._stopping:
-                if not self.sock.poll(POLL_MS):
-                    continue
-                frames = self.sock.recv_multipart(copy=False)
-                self.metrics.received(frames)
-                self.handle([f.buffer for f in frames])
-                self.metrics.queue_depth(len(self.pending))
+                if time.monotonic() >= next_beat:  # the broker learns we are alive, and we learn
+                    self._send(Message(Kind.HEARTBEAT, s.run_id, s.worker_id))  # if it forgot us
+                    next_beat = time.monotonic() + s.heartbeat_s
+                if self.sock.poll(POLL_MS):
+                    with self.timeline.busy():
+                        with self.timeline.io():
+                            frames = self.sock.recv_multipart(copy=False)
+                        self.metrics.received(frames)
+                        self.handle([f.buffer for f in frames])
+                    self.metrics.queue_depth(len(self.pending))
+                if self.batches is not None:
+                    for bundle in self.batches.expired():
+                        self._finish_bundle(bundle)
         finally:
             heartbeat.stop()
+            if s.save_dir is not None:  # the trunk's adapter, for `splitfed eval` / `splitfed export`
+                save_adapter_file(s.save_dir / "trunk.safetensors", adapter_state_dict(self.trunk),
+                                  adapter_metadata(s.adapter_config(), "trunk"))
             crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
-            self.registry.update("trunk", s.worker_id, updates=self.updates, crypto_s=f"{crypto_s:.6f}")
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+            self.registry.update("trunk", s.worker_id, updates=self.updates, crypto_s=f"{crypto_s:.6f}",
+                                 peak_rss_mb=f"{peak_mb:.1f}", timeline=self.timeline.to_json())
             self.registry.leave("trunk", s.worker_id, status="stopped")
             self.sock.close()
         log.info("trunk worker stopped after %d updates", self.updates)
@@ -106,20 +149,40 @@ class TrunkWorker:
 
     def handle(self, frames: list) -> None:
         try:
+            if header_from_wire(frames[0], self.settings.max_tensor_bytes).kind == Kind.BUNDLE:
+                return self.bundle(frames)
             msg = self.codec.decode(frames)
             if msg.run_id != self.settings.run_id:
                 raise StepError("wrong_run", f"frame for run {msg.run_id}")
             if msg.kind == Kind.FORWARD:
                 self._send(self.forward(msg))
+            elif msg.kind == Kind.BACKWARD and self.batches is not None:
+                self.batch_backward(msg)
             elif msg.kind == Kind.BACKWARD:
                 self._send(self.backward(msg))
             elif msg.kind == Kind.HELLO:
-                self._send(self.hello(msg))
-            elif msg.kind in (Kind.READY, Kind.HEARTBEAT):
-                pass  # the broker acknowledging us
+                if (ack := self.hello(msg)) is not None:
+                    self._send(ack)
+            elif msg.kind == Kind.ROUND_END:
+                self.round_end(msg)
+            elif msg.kind == Kind.TRUNK_SYNC:
+                self.trunk_sync(msg)
+            elif msg.kind == Kind.READY:  # the broker's ack: where the run stands
+                self.restore(_resume_round(msg.text))
+            elif msg.kind == Kind.ROLLBACK:
+                self.restore(_resume_round(msg.text))
+                self._register()  # the broker counts our frames again once this READY arrives
+            elif msg.kind == Kind.ERROR and (msg.text or "").startswith("register"):
+                log.warning("the broker does not know us (%s): registering again", msg.text)
+                self._register()
+            elif msg.kind == Kind.HEARTBEAT:
+                pass
+            elif msg.kind in GENERATION_KINDS:  # split generation (trunk_worker/generation.py)
+                if (reply := self.generations.handle(msg)) is not None:
+                    self._send(reply)
             else:
                 raise StepError("unexpected_kind", msg.kind.name)
-        except (FrameError, StepError) as exc:
+        except (FrameError, StepError, GenerationError) as exc:
             self.registry.count_rejected(exc.reason)
             self.metrics.rejected(exc.reason)
             log.warning("rejected: %s", exc, extra={"reason": exc.reason})
@@ -134,17 +197,21 @@ class TrunkWorker:
         if h.kind != Kind.ERROR and h.run_id == self.settings.run_id:
             self._send(Message(Kind.ERROR, h.run_id, h.silo_id, h.round, h.step, text=reason))
 
-    def hello(self, msg: Message) -> Message:
+    def hello(self, msg: Message) -> Message | None:
         """A silo's handshake for this round: verify it against the allow-list, keep the session."""
         if not isinstance(self.codec, SealedCodec):
             raise StepError("encryption_off", "this trunk runs without encryption; start the silo with --encryption false")
+        raw = bytes(msg.tensors[0].numpy())
+        if self.accepted_hellos.get(msg.silo_id) == raw:
+            return None  # the same hello again (replayed to us by the broker): the session stands
         session = accept_hello(
-            bytes(msg.tensors[0].numpy()), self.keys, lambda silo: keystore.lookup(self.registry, silo),
+            raw, self.keys, lambda silo: retry_redis(keystore.lookup, self.registry, silo),
             self.settings.run_id, allowed_ciphers=(self.settings.cipher,), guard=self.hello_guard,
             sender_slot=self.sender_slot, max_tensor_bytes=self.settings.max_tensor_bytes)
         if (session.silo_id, session.round) != (msg.silo_id, msg.round):
             raise SealError("wrong_session", "hello contents do not match its header")
         self.codec.sessions.add(session)
+        self.accepted_hellos[msg.silo_id] = raw
         log.info("session with %s for round %d (%s)", session.silo_id, session.round, session.cipher)
         ack = torch.frombuffer(bytearray(session.ack()), dtype=torch.uint8)
         return Message(Kind.HELLO_ACK, msg.run_id, msg.silo_id, msg.round, msg.step, tensors=[ack])
@@ -155,6 +222,8 @@ class TrunkWorker:
         if hidden.shape[-1] != self.hidden_size:
             raise StepError("schema", f"hidden size {hidden.shape[-1]}, trunk expects {self.hidden_size}")
         started = time.perf_counter()
+        if self.adapters is not None:
+            self.adapters.activate(msg.silo_id)  # this silo's own trunk adapter over the shared base
         h1 = hidden.to(self.device, self.compute_dtype).requires_grad_(True)
         with torch.enable_grad():
             h2 = self.trunk(h1, mask.to(self.device, torch.long), positions.to(self.device, torch.long))
@@ -164,31 +233,171 @@ class TrunkWorker:
 
     def backward(self, msg: Message) -> Message:
         key = (msg.silo_id, msg.step)
+        if key in self.applied:  # a retry of a step already applied: the same answer, no second update
+            log.warning("%s step %d already applied: answering again without applying", *key)
+            return self.applied[key]
         if key not in self.pending:
             raise StepError("no_open_step", f"no forward pending for {msg.silo_id} step {msg.step}")
-        h1, h2, forward_s = self.pending[key]
+        h1, h2, forward_s = self.pending.first(key)
         started = time.perf_counter()
         grad = msg.tensors[0]
         if grad.shape != h2.shape:
             raise StepError("schema", f"gradient shape {tuple(grad.shape)} != output {tuple(h2.shape)}")
-        del self.pending[key]
+        _, last = self.pending.pop(key)
         h2.backward(grad.to(self.device, h2.dtype))
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        if not last:  # a micro-batch: its gradients accumulate until the step's last one
+            return Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
+                           tensors=[h1.grad.to(self.wire_dtype), torch.tensor([self.updates], dtype=torch.int64)])
+        optimizer = self.optimizer if self.adapters is None else self.adapters.optimizers[msg.silo_id]
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.updates += 1
+        self.timeline.step_done_after_busy(msg.step)
         self.metrics.step(forward_s + time.perf_counter() - started)
         applied = torch.tensor([self.updates], dtype=torch.int64)
-        return Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
-                       tensors=[h1.grad.to(self.wire_dtype), applied])
+        result = Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
+                         tensors=[h1.grad.to(self.wire_dtype), applied])
+        self.applied[key] = result
+        return result
+
+    # ------------------------------------------------------------------ client-batch
+    def bundle(self, frames: list) -> None:
+        """Open each member (a bad one is refused alone), run them as one trunk batch."""
+        _, member_frames = bundle_from_wire(frames, self.settings.max_tensor_bytes)
+        members = []
+        for mf in member_frames:
+            try:
+                msg = self.codec.decode(mf)
+                if msg.kind != Kind.FORWARD or msg.run_id != self.settings.run_id:
+                    raise StepError("schema", f"bundle member {msg.kind.name} of run {msg.run_id}")
+                if msg.tensors[0].shape[-1] != self.hidden_size:
+                    raise StepError("schema", f"hidden size {msg.tensors[0].shape[-1]}, trunk expects {self.hidden_size}")
+                members.append(msg)
+            except (FrameError, StepError) as exc:
+                self.registry.count_rejected(exc.reason)
+                log.warning("bundle member rejected: %s", exc)
+                self._refuse(mf, str(exc))
+        if not members:
+            return
+        _, outputs = self.batches.forward(members)
+        for m, out in zip(members, outputs):
+            self._send(Message(Kind.FORWARD_RESULT, m.run_id, m.silo_id, m.round, m.step, tensors=[out.to(self.wire_dtype)]))
+
+    def batch_backward(self, msg: Message) -> None:
+        if not self.batches.shape_ok(msg):
+            raise StepError("no_open_step", f"no trunk batch open for {msg.silo_id} step {msg.step} "
+                            "(or a gradient of the wrong shape)")
+        bundle = self.batches.add_grad(msg)
+        if bundle.complete():
+            self._finish_bundle(bundle)
+
+    def _finish_bundle(self, bundle) -> None:
+        started = time.perf_counter()
+        missing = [m for m in bundle.members if m.silo_id not in bundle.grads]
+        if len(missing) == len(bundle.members):
+            for m in bundle.members:  # nothing came back: no update at all
+                self.batches.by_member.pop((m.silo_id, m.step), None)
+        else:
+            grads = self.batches.backward(bundle, self.trainable)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.updates += 1
+            self.metrics.step(bundle.forward_s + time.perf_counter() - started)
+            applied = torch.tensor([self.updates], dtype=torch.int64)
+            for m in bundle.members:
+                if m.silo_id in grads:
+                    self._send(Message(Kind.BACKWARD_RESULT, m.run_id, m.silo_id, m.round, m.step,
+                                       tensors=[grads[m.silo_id].to(self.wire_dtype), applied]))
+        for m in missing:
+            log.warning("straggler: %s step %d sent no gradient within %.0fs; its slice counted as zero",
+                        m.silo_id, m.step, self.settings.straggler_timeout_s, extra={"reason": "straggler"})
+            self._send(Message(Kind.ERROR, m.run_id, m.silo_id, m.round, m.step,
+                               text=f"straggler: no gradient within {self.settings.straggler_timeout_s:.0f}s"))
+
+    # ------------------------------------------------------------------ hierarchical round end
+    def round_end(self, msg: Message) -> None:
+        """Every round step is applied: average the trunk adapters across workers when asked
+        (hierarchical: send this worker's weighted partial sum to every averaging worker), then
+        checkpoint the round. A second ROUND_END for the round (a worker died before its partial
+        came) starts the averaging again: partials of the first attempt are dropped."""
+        self.sync.forget(msg.round)
+        if not msg.text:
+            return self._close_round(msg.round)
+        if self.adapters is None:
+            raise StepError("unexpected_kind", "trunk averaging outside hierarchical mode")
+        workers, weights = TrunkSync.parse_round_end(msg.text)
+        self.sync.expected[msg.round] = workers
+        partial, weight = self.adapters.weighted_sum(weights)
+        self._send(Message(Kind.TRUNK_SYNC, msg.run_id, self.settings.worker_id, msg.round,
+                           tensors=[self.sync.seal(msg.round, partial, weight)]))
+
+    def trunk_sync(self, msg: Message) -> None:
+        if self.adapters is None:
+            raise StepError("unexpected_kind", "TRUNK_SYNC outside hierarchical mode")
+        average = self.sync.add(msg.round, msg.silo_id, self.sync.open(msg.round, msg.silo_id, msg.tensors[0]))
+        if average is not None:
+            self.adapters.set_all(average)
+            log.info("round %d: trunk adapters averaged", msg.round)
+            self._close_round(msg.round)
+
+    def _close_round(self, rnd: int) -> None:
+        if self.settings.checkpoint_dir is not None:
+            self._save_checkpoint(rnd)
+        self.applied.clear()  # steps of a closed round are never retried
+        self._send(Message(Kind.ROUND_DONE, self.settings.run_id, self.settings.worker_id, rnd))
+
+    # ------------------------------------------------------------------ registration and recovery
+    def _register(self) -> None:
+        s = self.settings
+        self._send(Message(Kind.READY, s.run_id, s.worker_id, text=f"incarnation={self.incarnation}"))
+
+    def _on_sigterm(self, *_: object) -> None:
+        """First SIGTERM: stop after the message in hand. Second: stop now."""
+        if self._stopping:
+            raise SystemExit(143)
+        self._stopping = True
+
+    @property
+    def _checkpoints(self) -> Path:
+        return self.settings.checkpoint_dir / self.settings.worker_id
+
+    def _save_checkpoint(self, rnd: int) -> None:
+        save_trunk(self._checkpoints, rnd, self.trainable, self.optimizer, self.adapters, self.updates)
+
+    def restore(self, rnd: int) -> None:
+        """Go back to the end of round ``rnd`` (-1: the initial state): a role restarted."""
+        self.pending.clear()
+        self.applied.clear()
+        if self.batches is not None:
+            self.batches.by_member.clear()
+        self.sync.expected.clear()
+        self.sync.partials.clear()
+        if rnd == -1 and self.updates == 0:
+            return  # nothing applied yet: this is the initial state
+        if self.settings.checkpoint_dir is None:
+            log.error("asked to resume from round %d but this worker keeps no checkpoints (--checkpoint-dir)", rnd)
+            return
+        updates = load_trunk(self._checkpoints, rnd, self.trainable, self.optimizer, self.adapters)
+        if updates is None:
+            log.error("no checkpoint of round %d in %s: cannot resume exactly", rnd, self._checkpoints)
+            return
+        self.updates = updates
+        log.info("resumed from the checkpoint of round %d (%d updates)", rnd, updates)
 
     def _remember(self, key, h1, h2, forward_s: float) -> None:
-        self.pending[key] = (h1, h2, forward_s)
-        while len(self.pending) > self.settings.max_pending:
-            old, _ = self.pending.popitem(last=False)
+        for old in self.pending.add(key, (h1, h2, forward_s)):
             log.warning("dropped the graph of %s step %d: more than %d pending", old[0], old[1], self.settings.max_pending)
 
     def _send(self, msg: Message) -> None:
         frames = self.codec.encode(msg)
-        self.sock.send_multipart(frames, copy=False)
+        with self.timeline.io():
+            self.sock.send_multipart(frames, copy=False)
         self.metrics.sent(frames)
+
+
+def _resume_round(text: str | None) -> int:
+    try:
+        return checkpoint.parse_resume(text)
+    except ValueError as exc:
+        raise StepError("schema", str(exc)) from None

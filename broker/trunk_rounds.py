@@ -1,0 +1,82 @@
+"""The broker's side of a round's end on the trunk: ROUND_END out, TRUNK_SYNC relayed, ROUND_DONE in.
+
+Every ready worker checkpoints the round; in hierarchical mode (unless --personalize) the workers
+holding participating silos also average their trunk adapters, by relaying sealed partial sums
+through the broker. A worker that dies in the middle must not stall the round: the survivors are
+sent ROUND_END again, without the dead worker and without the silos whose adapters died with it
+(those silos restart from the average on their new worker).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+log = logging.getLogger("broker")
+
+
+@dataclass
+class TrunkRound:
+    pending: set[str]  # workers yet to say ROUND_DONE
+    averaging: list[str]  # workers whose partial sums make the average
+    weights: dict[str, int]  # silo -> samples, the FedAvg weights
+    relayed: set[str] = field(default_factory=set)  # workers whose partial went out to the others
+
+
+def round_end_text(averaging: list[str], weights: dict[str, int]) -> str:
+    return ",".join(averaging) + ";" + ",".join(f"{s}:{n}" for s, n in sorted(weights.items()))
+
+
+class TrunkRounds:
+    def __init__(self) -> None:
+        self.rounds: dict[int, TrunkRound] = {}
+
+    def start(self, rnd: int, workers: list[str], averaging: list[str],
+              weights: dict[str, int]) -> list[tuple[str, str | None]]:
+        """The ROUND_ENDs to send: (worker, text); text None means checkpoint only."""
+        self.rounds[rnd] = TrunkRound(set(workers), list(averaging), dict(weights))
+        text = round_end_text(averaging, weights)
+        return [(w, text if w in averaging else None) for w in sorted(workers)]
+
+    def relay_targets(self, rnd: int, sender: str) -> list[str]:
+        """A partial sum from ``sender``: the averaging workers to pass it to (itself included)."""
+        state = self.rounds.get(rnd)
+        if state is None or sender not in state.averaging:
+            return []
+        state.relayed.add(sender)
+        return list(state.averaging)
+
+    def done(self, rnd: int, worker: str) -> bool:
+        """``worker`` closed round ``rnd``; True when it was the last one."""
+        state = self.rounds.get(rnd)
+        if state is None:
+            return False
+        state.pending.discard(worker)
+        if state.pending:
+            return False
+        del self.rounds[rnd]
+        return True
+
+    def worker_lost(self, worker: str, its_silos: set[str]) -> tuple[list[int], dict[int, list[tuple[str, str | None]]]]:
+        """``worker`` died holding ``its_silos``' adapters. Returns the rounds now finished, and per
+        round the ROUND_ENDs to send again when the survivors still wait for the dead one's partial."""
+        finished: list[int] = []
+        resend: dict[int, list[tuple[str, str | None]]] = {}
+        for rnd, state in list(self.rounds.items()):
+            state.pending.discard(worker)
+            if worker in state.averaging and worker not in state.relayed:
+                # The survivors' averages can never complete: start the averaging again without it.
+                averaging = [w for w in state.averaging if w != worker]
+                weights = {s: n for s, n in state.weights.items() if s not in its_silos}
+                waiting = [w for w in averaging if w in state.pending]
+                if not weights:  # nothing left to average: the survivors only checkpoint
+                    averaging = []
+                state.averaging, state.weights, state.relayed = averaging, weights, set()
+                text = round_end_text(averaging, weights) if averaging else None
+                resend[rnd] = [(w, text) for w in waiting]
+                log.warning("round %d: worker %s died before its trunk partial; averaging again over %s",
+                            rnd, worker, ",".join(averaging) or "nobody")
+            if not state.pending:
+                del self.rounds[rnd]
+                finished.append(rnd)
+        return finished, resend

@@ -1,0 +1,80 @@
+"""The silo's side of a round's end: FedAvg of head/tail weights through the broker, masked.
+
+    silo --AGG_JOIN(weight)--> broker            the silo's steps of the round are done
+    silo <--AGG_START(participants, attempt)--   the broker fixed who takes part
+    silo --AGG_UPLOAD(masked n*x, n)-->          masks cancel only in the sum of all participants
+    silo <--AGG_RESULT(sum)--  or a new AGG_START (someone dropped: mask again for the new set)
+
+The broker sees masked uploads and the sum, never one silo's weights (shared/secure_agg.py).
+Without encryption keys there is nothing to derive masks from: the upload is then unmasked, and
+the run says so in its log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from shared import keys as keystore
+from shared import secure_agg
+from shared.protocol import Kind
+from shared.registry import Registry, retry_redis
+from shared.wire import Message
+
+log = logging.getLogger("silo")
+
+
+class RoundAggregation:
+    def __init__(self, silo_id: str, run_id: str, params: list[torch.nn.Parameter], weight: int,
+                 registry: Registry, x25519_key, send: Callable[[Message], None],
+                 await_msg: Callable[[Callable[[Message], bool], str], Message]) -> None:
+        self.silo_id, self.run_id = silo_id, run_id
+        self.params = params
+        self.weight = weight
+        self.registry = registry
+        self.key = x25519_key  # None: no keys, uploads go unmasked
+        self.send, self.await_msg = send, await_msg
+        self._warned = False
+
+    def run(self, rnd: int) -> bool:
+        """The round barrier, with FedAvg when the broker starts one; True when weights were averaged.
+
+        Returns once the broker closes the round (after the trunk workers' round checkpoint):
+        with AGG_RESULT for a participant, ROUND_CLOSED for a silo that is not one.
+        """
+        self.send(Message(Kind.AGG_JOIN, self.run_id, self.silo_id, rnd, seq=self.weight))
+        ends = (Kind.AGG_START, Kind.ROUND_CLOSED)
+        msg = self.await_msg(lambda m: m.kind in ends and m.round == rnd, f"the end of round {rnd}")
+        while msg.kind == Kind.AGG_START:
+            participants = [p for p in (msg.text or "").split(",") if p]
+            self.send(Message(Kind.AGG_UPLOAD, self.run_id, self.silo_id, rnd, seq=msg.seq,
+                              tensors=[self._upload(rnd, msg.seq, participants)]))
+            attempt = msg.seq
+            msg = self.await_msg(lambda m: m.round == rnd and (m.kind in ends or
+                                                               (m.kind == Kind.AGG_RESULT and m.seq == attempt)),
+                                 f"AGG_RESULT of round {rnd}")
+            if msg.kind == Kind.AGG_RESULT:
+                secure_agg.unflatten_into(self.params, secure_agg.average_from_sum(msg.tensors[0]))
+                log.info("round %d: averaged with %d silos (attempt %d)", rnd, len(participants), attempt)
+                return True
+            if msg.kind == Kind.AGG_START:
+                log.info("round %d: participant set changed (attempt %d), masking again", rnd, msg.seq)
+        log.info("round %d closed without aggregation for this silo: keeping its weights", rnd)
+        return False
+
+    def _upload(self, rnd: int, attempt: int, participants: list[str]) -> torch.Tensor:
+        if self.key is None:
+            if not self._warned:
+                log.warning("aggregation WITHOUT masks: no encryption keys, the broker sees this silo's weights")
+                self._warned = True
+            return secure_agg.plain_upload(self.params, self.weight)
+        return secure_agg.masked_upload(self.params, self.weight, self.silo_id, self.key, self._public_of,
+                                        self.run_id, rnd, attempt, participants)
+
+    def _public_of(self, silo: str) -> bytes:
+        enrolled = retry_redis(keystore.lookup, self.registry, silo)
+        if enrolled is None or enrolled.revoked:
+            raise secure_agg.SecureAggError("not_enrolled", f"participant {silo} is not enrolled in this run")
+        return enrolled.x25519_public

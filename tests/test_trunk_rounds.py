@@ -1,0 +1,47 @@
+"""A trunk worker dying at a round's end must not stall the round (broker/trunk_rounds.py)."""
+
+from broker.trunk_rounds import TrunkRounds
+
+
+def _started() -> TrunkRounds:
+    rounds = TrunkRounds()
+    sent = rounds.start(0, ["t0", "t1", "t2"], ["t0", "t1"], {"s0": 10, "s1": 30})
+    assert sent == [("t0", "t0,t1;s0:10,s1:30"), ("t1", "t0,t1;s0:10,s1:30"), ("t2", None)]
+    return rounds
+
+
+def test_partials_go_to_every_averaging_worker_and_the_last_done_finishes():
+    rounds = _started()
+    assert rounds.relay_targets(0, "t0") == ["t0", "t1"]
+    assert rounds.relay_targets(0, "t2") == []  # not averaging: nothing to relay
+    assert rounds.relay_targets(7, "t0") == []  # unknown round
+    assert [rounds.done(0, w) for w in ("t2", "t0", "t1")] == [False, False, True]
+    assert rounds.done(0, "t1") is False  # a duplicate after the end changes nothing
+
+
+def test_a_worker_dead_before_its_partial_restarts_the_averaging_without_it_and_its_silos():
+    rounds = _started()
+    assert rounds.relay_targets(0, "t0") == ["t0", "t1"]
+    rounds.done(0, "t2")
+    finished, resend = rounds.worker_lost("t1", {"s1"})
+    assert finished == []
+    assert resend == {0: [("t0", "t0;s0:10")]}
+    assert rounds.relay_targets(0, "t0") == ["t0"]
+    assert rounds.done(0, "t0") is True
+
+
+def test_a_worker_dead_after_its_partial_went_out_is_only_no_longer_waited_for():
+    rounds = _started()
+    rounds.relay_targets(0, "t1")
+    rounds.done(0, "t0")
+    rounds.done(0, "t2")
+    assert rounds.worker_lost("t1", {"s1"}) == ([0], {})
+
+
+def test_when_no_silo_is_left_to_average_the_survivors_only_checkpoint():
+    rounds = TrunkRounds()
+    rounds.start(3, ["t0", "t1"], ["t1"], {"s1": 5})
+    assert rounds.worker_lost("t1", {"s1"}) == ([], {3: []})
+    assert rounds.done(3, "t0") is True
+    rounds.start(4, ["t0", "t1"], ["t0", "t1"], {"s0": 5, "s1": 5})
+    assert rounds.worker_lost("t0", {"s0"}) == ([], {4: [("t1", "t1;s1:5")]})

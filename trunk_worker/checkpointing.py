@@ -1,0 +1,61 @@
+"""The trunk worker's round checkpoints: its adapter(s), optimizer state(s) and update counter.
+
+Serial and client-batch: the one shared trunk adapter. Hierarchical: every silo's adapter and
+optimizer on this worker, and the template new silos start from (the last round's average).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shared import checkpoint
+
+
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}{k}": v for k, v in tensors.items()}
+
+
+def _strip(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def save_trunk(directory: Path, rnd: int, trainable, optimizer, adapters, updates: int) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {"round": rnd, "updates": updates}
+    if adapters is None:
+        tensors.update({f"param/{i}": p for i, p in enumerate(trainable)})
+        tensors.update(checkpoint.optimizer_tensors(optimizer))
+    else:
+        tensors.update({f"template/{i}": t for i, t in enumerate(adapters.template)})
+        meta["silos"] = sorted(adapters.params)
+        for silo in meta["silos"]:
+            tensors.update({f"silo/{silo}/param/{i}": p for i, p in enumerate(adapters.params[silo])})
+            tensors.update(_prefixed(f"silo/{silo}/", checkpoint.optimizer_tensors(adapters.optimizers[silo])))
+    checkpoint.save(directory, rnd, tensors, meta)
+
+
+def load_trunk(directory: Path, rnd: int, trainable, optimizer, adapters) -> int | None:
+    """Restore round ``rnd``; returns the update counter, or None when there is no such checkpoint."""
+    loaded = checkpoint.load(directory, rnd)
+    if loaded is None:
+        return None
+    tensors, meta = loaded
+    with torch.no_grad():
+        if adapters is None:
+            for i, p in enumerate(trainable):
+                p.copy_(tensors[f"param/{i}"])
+            checkpoint.load_optimizer_tensors(optimizer, tensors)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+        else:
+            for i, t in enumerate(adapters.template):
+                t.copy_(tensors[f"template/{i}"])
+            adapters.forget_all()
+            for silo in meta.get("silos", []):
+                opt = adapters.activate(silo)
+                for i, p in enumerate(adapters.params[silo]):
+                    p.copy_(tensors[f"silo/{silo}/param/{i}"])
+                checkpoint.load_optimizer_tensors(opt, _strip(f"silo/{silo}/", tensors))
+    return int(meta.get("updates", 0))
