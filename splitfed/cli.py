@@ -24,6 +24,10 @@ COMMANDS = {
     "bench": ("splitfed.bench.command", "bench", "Benchmarks with JSON output."),
     "status": ("splitfed.status_command", "status", "Live table of a run (or the list of runs) from Redis."),
     "plot": ("splitfed.plot_command", "plot", "Plot loss per silo (and the centralized reference) from a demo JSON."),
+    "audit": ("splitfed.audit.command", "audit", "Privacy audit: inversion attacks on the cut activations, and defenses."),
+    "eval": ("splitfed.eval_command", "eval_command", "Task metrics of a base, split-trained or exported model on a JSONL."),
+    "export": ("splitfed.export_command", "export", "Merge a silo's and the trunk's adapters into one PEFT adapter."),
+    "experiment": ("splitfed.experiment.command", "experiment", "Experiments on real data (bbc: split-fed vs centralized)."),
 }
 
 

@@ -97,10 +97,11 @@ def snapshot(registry: Registry) -> dict[str, Any]:
     pipe = r.pipeline()
     pipe.hgetall(registry.key("round"))
     pipe.hgetall(registry.key("rejected"))
+    pipe.hgetall(registry.key("assign"))
     for role, member in members:
         pipe.hgetall(registry.key(role, member))
         pipe.get(registry.key("alive", role, member))
-    rnd, rejected, *rest = pipe.execute()
+    rnd, rejected, assigned, *rest = pipe.execute()
     now = time.time()
 
     def member(i: int, role: str, name: str) -> dict[str, Any]:
@@ -118,7 +119,8 @@ def snapshot(registry: Registry) -> dict[str, Any]:
         step = _num(info.get("step"), int)
         m.update(round=_num(info.get("round"), int), step=step, steps=_num(info.get("steps"), int),
                  steps_done=None if step is None else step + 1, loss=_num(info.get("loss")),
-                 samples=_num(info.get("samples"), int), updated_age_s=_age(info.get("updated_at"), now))
+                 samples=_num(info.get("samples"), int), updated_age_s=_age(info.get("updated_at"), now),
+                 worker=assigned.get(name))
         silo_rows.append(m)
     trunk_rows = []
     for j, name in enumerate(trunks, start=1 + len(silos)):
@@ -187,9 +189,9 @@ def render(snap: dict[str, Any]) -> str:
     ]
     silo_rows = [[s["id"], _fmt(s["status"]), _fmt(s["round"]),
                   "-" if s["steps_done"] is None else f"{s['steps_done']}/{_fmt(s['steps'])}",
-                  _fmt(s["loss"], ".4f"), _heartbeat(s), _ago(s["updated_age_s"]), _fmt(s["host"])]
+                  _fmt(s["loss"], ".4f"), _heartbeat(s), _ago(s["updated_age_s"]), _fmt(s["worker"]), _fmt(s["host"])]
                  for s in snap["silos"]]
-    out.append(_table(["SILO", "STATUS", "ROUND", "STEPS", "LOSS", "HEARTBEAT", "LAST STEP", "HOST"], silo_rows)
+    out.append(_table(["SILO", "STATUS", "ROUND", "STEPS", "LOSS", "HEARTBEAT", "LAST STEP", "WORKER", "HOST"], silo_rows)
                if silo_rows else "no silos")
     out.append("")
     trunk_rows = [[t["id"], _fmt(t["status"]), _fmt(t["device"]), _fmt(t["adapter"]), _fmt(t["updates"]),

@@ -31,7 +31,12 @@ def _client(front: str, cert: Path | None, broker_public: Path | None) -> zmq.So
 
 
 def _answers(sock: zmq.Socket, timeout_ms: int) -> bool:
-    sock.send_multipart(message_to_wire(Message(Kind.READY, "curverun", "stranger")))
+    # A DEALER whose handshake the broker refused has no peer left: a plain send would block forever.
+    sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
+    try:
+        sock.send_multipart(message_to_wire(Message(Kind.READY, "curverun", "stranger")))
+    except zmq.Again:
+        return False
     if not sock.poll(timeout_ms):
         return False
     return message_from_wire(sock.recv_multipart()).kind == Kind.ERROR  # unknown_silo: it got through

@@ -68,7 +68,7 @@ def test_a_crashed_role_stops_the_demo_with_its_log(redis_prefix, tmp_path):
     finally:
         demo.kill()
     assert demo.returncode == 1
-    assert "trunk exited with code -9" in out
+    assert "trunk0 exited with code -9" in out
     assert registry.run_meta()["status"] == "failed"
     _assert_all_gone(pids)
 

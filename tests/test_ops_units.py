@@ -322,12 +322,14 @@ def test_roles_run_from_unit_command_lines_and_env_files(redis_prefix, tmp_path)
     overrides = {
         "broker": {"SPLITFED_FRONTEND_BIND": front, "SPLITFED_BACKEND_BIND": back, "SPLITFED_SILOS": "silo0"},
         "trunk": {"SPLITFED_BROKER_BACKEND": back, "SPLITFED_DEVICE": "cpu",
-                  "SPLITFED_KEYS_DIR": str(state / "keys" / "trunk")},
+                  "SPLITFED_KEYS_DIR": str(state / "keys" / "trunk"),
+                  "SPLITFED_CHECKPOINT_DIR": str(state / "checkpoints")},
         "silo": {"SPLITFED_BROKER_FRONTEND": front, "SPLITFED_KEYS_DIR": str(state / "keys" / "silo"),
                  "SPLITFED_TRUNK_FINGERPRINT": trunk_keys.fingerprint, "SPLITFED_DATA": str(data),
                  "SPLITFED_STEPS": "100000", "SPLITFED_BATCH_SIZE": "2", "SPLITFED_MAX_LENGTH": "32",
                  "SPLITFED_RESULTS": str(state / "results" / "silo0.json"),
-                 "SPLITFED_SAVE_DIR": str(state / "results" / "weights"), "SPLITFED_STEP_TIMEOUT_S": "60"},
+                 "SPLITFED_SAVE_DIR": str(state / "results" / "weights"), "SPLITFED_STEP_TIMEOUT_S": "60",
+                 "SPLITFED_CHECKPOINT_DIR": str(state / "checkpoints")},
     }
     procs: dict[str, subprocess.Popen] = {}
     try:

@@ -139,13 +139,13 @@ def test_live_roles_survive_bad_frames_and_honest_silo_is_unaffected(redis_prefi
         reply = _recv(evil)
         assert reply.kind == Kind.ERROR and "wrong_run" in reply.text
 
-        # 4. frames spoofing the honest silo from another connection are refused
+        # 4. frames spoofing the honest silo (not registered yet) are refused: say READY first
         h = torch.zeros(1, 4, 64)
         spoof = Message(Kind.FORWARD, run_id, "silo0", tensors=[h, torch.ones(1, 4, dtype=torch.uint8),
                                                                  torch.arange(4, dtype=torch.int32)[None]])
         evil.send_multipart(message_to_wire(spoof))
         reply = _recv(evil)
-        assert reply.kind == Kind.ERROR and "identity_mismatch" in reply.text
+        assert reply.kind == Kind.ERROR and reply.text.startswith("register")
 
         # 5. the honest silo trains while all of that happened; its losses equal the reference
         results = tmp_path / "silo0.json"
@@ -165,7 +165,7 @@ def test_live_roles_survive_bad_frames_and_honest_silo_is_unaffected(redis_prefi
         assert max(abs(a - b) for a, b in zip(losses, ref)) <= 1e-5
 
         rejected = registry.rejected()
-        for reason in ("truncated", "bad_version", "frame_count", "unknown_silo", "wrong_run", "identity_mismatch"):
+        for reason in ("truncated", "bad_version", "frame_count", "unknown_silo", "wrong_run", "register"):
             assert rejected.get(reason, 0) >= 1, (reason, rejected)
     finally:
         evil.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -16,7 +17,21 @@ from shared.crypto_bench import CIPHER_NAMES, SIZES, bench_seal_open
 CRYPTO_SHARE_TARGET = 0.02
 
 
-@click.group("bench")
+class _LazyBenchGroup(click.Group):
+    """Benchmarks that load torch are imported only when run (``bench --help`` stays fast)."""
+
+    lazy = {"modes": "splitfed.bench.modes", "faults": "splitfed.bench.faults", "step": "splitfed.bench.step"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            return getattr(importlib.import_module(self.lazy[name]), name)
+        return super().get_command(ctx, name)
+
+
+@click.group("bench", cls=_LazyBenchGroup)
 def bench() -> None:
     """Benchmarks; each prints (or writes) JSON."""
 
@@ -66,3 +81,4 @@ def crypto(json_path: str, repeats: int, model: str, silos: int, steps: int, bat
     click.echo(f"crypto share of step time: {100 * share['crypto_share']:.2f}% (target < {100 * CRYPTO_SHARE_TARGET:.0f}%)",
                err=True)
     _emit({"bench": "crypto", "throughput": throughput, "demo_step_share": share}, json_path)
+

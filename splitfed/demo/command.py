@@ -4,46 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 
-from shared.centralized import centralized_serial
+from shared.centralized import centralized_reference
 from shared.models import resolve_model_dir
-from shared.registry import Registry
-from splitfed.demo.federation_run import (
-    RUN_TTL_S,
-    DemoConfig,
-    Progress,
-    collect_losses,
-    launch,
-    make_curve_certificates,
-    make_throwaway_keys,
-    new_run_id,
-    write_silo_data,
-)
-from splitfed.demo.processes import Federation
-from splitfed.demo.redis_server import find_or_start_redis
+from splitfed.demo.federation_run import DemoConfig
+from splitfed.demo.runner import run_federation
 from splitfed.demo.summary import print_summary
-
-
-class RoleFailed(click.ClickException):
-    exit_code = 1
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @click.command("demo")
@@ -61,6 +32,22 @@ def _free_ports(n: int) -> list[int]:
 @click.option("--encryption/--no-encryption", default=True, show_default=True,
               help="seal every tensor end to end (throwaway keys are generated and enrolled for the run)")
 @click.option("--curve", is_flag=True, help="also CurveZMQ on every socket, with a ZAP allow-list at the broker")
+@click.option("--aggregation", type=click.Choice(["fedavg", "none"]), default="fedavg", show_default=True,
+              help="at each round's end average the silos' head/tail weights (secure aggregation) or keep them")
+@click.option("--personalize", is_flag=True, help="hierarchical: keep each silo's trunk adapter (no trunk averaging)")
+@click.option("--workers", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="trunk worker processes (hierarchical mode spreads the silos over them)")
+@click.option("--max-inflight", type=click.IntRange(1), default=2, show_default=True,
+              help="hierarchical: open steps per trunk worker (bounds its activation memory)")
+@click.option("--batch-window-ms", type=click.IntRange(1), default=10000, show_default=True,
+              help="client-batch: longest wait for a step's FORWARDs after the first one")
+@click.option("--cut-clip-norm", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="privacy defense: clip each cut activation token to this L2 norm on the silo")
+@click.option("--cut-noise-sigma", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="privacy defense: Gaussian noise std on the (clipped) cut activations")
+@click.option("--kill", "kills", multiple=True, metavar="ROLE@STEP",
+              help="fault injection: SIGKILL ROLE (broker, trunk, siloN, redis) when the run reaches STEP, "
+                   "then restart it as a supervisor would (repeatable)")
 @click.option("--check-centralized", is_flag=True, help="also train in one process without network and compare losses")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the run's results here")
 @click.option("--key-prefix", default="splitfed", show_default=True, envvar="SPLITFED_KEY_PREFIX",
@@ -69,8 +56,10 @@ def _free_ports(n: int) -> list[int]:
 def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, key_prefix: str, **options) -> None:
     """Start Redis, a broker, a trunk worker and N silos as processes, train, and summarise."""
     cfg = DemoConfig(**options)
-    if cfg.mode != "serial":
-        raise click.UsageError(f"--mode {cfg.mode} is not implemented yet (issue: parallel modes); use --mode serial")
+    if cfg.mode == "hierarchical" and cfg.adapter == "full":
+        raise click.UsageError("--mode hierarchical keeps one trunk adapter per silo: use --adapter lora or prefix")
+    if cfg.workers > 1 and cfg.mode != "hierarchical":
+        raise click.UsageError("--workers > 1 needs --mode hierarchical (serial and client-batch share one trunk adapter)")
     started = time.perf_counter()
     click.echo(f"splitfed demo: {cfg.mode} mode, {cfg.silos} silos x {cfg.steps} steps, model {cfg.model}, "
                f"{'encrypted end to end' if cfg.encryption else 'NOT encrypted'}", err=True)
@@ -79,53 +68,13 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
     run_dir = run_dir or Path(tempfile.mkdtemp(prefix="splitfed-demo-"))
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    url, private_redis = find_or_start_redis()
-    run_id = new_run_id()
-    registry = Registry(url, key_prefix, run_id)
-    registry.create_run({"mode": cfg.mode, "silos": ",".join(cfg.silo_ids), "steps": cfg.steps,
-                         "local_steps": cfg.local_steps, "model": cfg.model, "adapter": cfg.adapter, "status": "running"})
-    click.echo(f"run {run_id}: Redis {url}, logs in {run_dir / 'logs'}", err=True)
-    fed = Federation(run_dir / "logs", {"SPLITFED_REDIS_URL": url, "SPLITFED_RUN_ID": run_id,
-                                         "SPLITFED_KEY_PREFIX": key_prefix, **cfg.model_env()})
-    status = "failed"
-    try:
-        data = write_silo_data(run_dir, cfg)
-        keys_env = make_throwaway_keys(run_dir, cfg, registry)
-        for role, extra in make_curve_certificates(run_dir, cfg).items():
-            keys_env[role] = {**keys_env.get(role, {}), **extra}
-        launch(fed, cfg, tuple(_free_ports(2)), data, run_dir, keys_env)
-        _supervise(fed, cfg, registry)
-        status = "finished"
-    except KeyboardInterrupt:
-        status = "interrupted"
-        click.echo("\ninterrupted: stopping every role", err=True)
-        sys.exit(130)
-    except RoleFailed:
-        click.echo(f"logs and data kept in {run_dir}", err=True)
-        raise
-    finally:
-        fed.stop()
-        trunk_crypto_s = float(registry.info("trunk", "trunk0").get("crypto_s", 0.0))
-        rejected = registry.rejected()
-        registry.set_run_status(status)
-        registry.expire_run(RUN_TTL_S)
-        if private_redis is not None:
-            private_redis.stop()
-    fed_wall = time.perf_counter() - started
-
-    rows, train_s, crypto_s = collect_losses(run_dir, cfg)
-    result = {"mode": cfg.mode, "silos": cfg.silos, "steps": cfg.steps, "local_steps": cfg.local_steps,
-              "model": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed, "run_id": run_id,
-              "encryption": cfg.encryption, "curve": cfg.curve, "rejected_frames": rejected,
-              "losses": [r["loss"] for r in rows], "schedule": [[r["silo"], r["step"]] for r in rows],
-              "wall_s": round(fed_wall, 3), "train_wall_s": round(train_s, 3),
-              "silo_crypto_s": round(crypto_s, 4), "trunk_crypto_s": round(trunk_crypto_s, 4),
-              # serial mode: every seal/open is on the critical path of the steps
-              "crypto_share": round((crypto_s + trunk_crypto_s) / max(train_s, 1e-9), 5)}
+    result, rows = run_federation(cfg, run_dir, key_prefix, started)
     if check_centralized:
+        if cfg.cut_clip_norm or cfg.cut_noise_sigma:
+            click.echo("note: the reference has no cut defense; expect the losses to differ", err=True)
         click.echo("centralized reference: same parts, data order and optimizer in one process...", err=True)
         t0 = time.perf_counter()
-        ref = centralized_serial(model_dir, cfg, [run_dir / "data" / f"{s}.jsonl" for s in cfg.silo_ids])
+        ref = centralized_reference(model_dir, cfg, [run_dir / "data" / f"{s}.jsonl" for s in cfg.silo_ids])
         result["centralized_wall_s"] = round(time.perf_counter() - t0, 3)
         by_key = {(r["silo_index"], r["step"]): r["loss"] for r in ref}
         result["centralized_losses"] = [by_key[(r["silo_index"], r["step"])] for r in rows]
@@ -138,18 +87,3 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _supervise(fed: Federation, cfg: DemoConfig, registry: Registry) -> None:
-    """Wait for every silo to finish; if any role dies, stop and show why."""
-    progress = Progress(registry, cfg)
-    try:
-        while True:
-            progress.update()
-            failed = fed.failed()
-            if failed:
-                name, code = next(iter(failed.items()))
-                raise RoleFailed(f"{name} exited with code {code}; last lines of its log:\n{fed.tail(name)}")
-            if all(s in fed.exited() for s in cfg.silo_ids):
-                return
-            time.sleep(0.5)
-    finally:
-        progress.done()

@@ -34,6 +34,14 @@ class DemoConfig:
     step_timeout_s: float = 300.0
     encryption: bool = True
     curve: bool = False
+    aggregation: str = "fedavg"
+    personalize: bool = False
+    workers: int = 1
+    batch_window_ms: int = 10000
+    max_inflight: int = 2
+    cut_clip_norm: float | None = None
+    cut_noise_sigma: float = 0.0
+    kills: tuple[str, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def model_env(self) -> dict[str, str]:
@@ -49,6 +57,10 @@ class DemoConfig:
     @property
     def silo_ids(self) -> list[str]:
         return [f"silo{i}" for i in range(self.silos)]
+
+    @property
+    def worker_ids(self) -> list[str]:
+        return [f"trunk{i}" for i in range(self.workers)]
 
 
 def new_run_id() -> str:
@@ -104,17 +116,31 @@ def make_curve_certificates(run_dir: Path, cfg: DemoConfig) -> dict[str, dict[st
 
 def launch(fed, cfg: DemoConfig, ports: tuple[int, int], data: list[Path], run_dir: Path,
            keys_env: dict[str, dict[str, str]]) -> None:
-    front, back = (f"tcp://127.0.0.1:{p}" for p in ports)
-    fed.start("broker", ["broker", "--frontend-bind", front, "--backend-bind", back, "--mode", cfg.mode,
-                         "--silos", ",".join(cfg.silo_ids)], env=keys_env.get("broker"))
-    fed.start("trunk", ["trunk", "--broker-backend", back, "--worker-id", "trunk0"], env=keys_env.get("trunk"))
+    front = launch_servers(fed, cfg, ports, keys_env, run_dir)
     for i, sid in enumerate(cfg.silo_ids):
         fed.start(sid, ["silo", "--broker-frontend", front, "--silo-id", sid, "--silo-index", str(i),
                         "--data", str(data[i]), "--steps", str(cfg.steps), "--local-steps", str(cfg.local_steps),
                         "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length),
-                        "--step-timeout-s", str(cfg.step_timeout_s),
+                        "--step-timeout-s", str(cfg.step_timeout_s), "--checkpoint-dir", str(run_dir / "checkpoints"),
                         "--results", str(run_dir / "results" / f"{sid}.json"),
-                        "--save-dir", str(run_dir / "weights")], env=keys_env.get(sid))
+                        "--save-dir", str(run_dir / "weights"), "--cut-noise-sigma", repr(cfg.cut_noise_sigma),
+                        *(["--cut-clip-norm", repr(cfg.cut_clip_norm)] if cfg.cut_clip_norm else [])],
+                  env=keys_env.get(sid))
+
+
+def launch_servers(fed, cfg: DemoConfig, ports: tuple[int, int], keys_env: dict[str, dict[str, str]],
+                   run_dir: Path) -> str:
+    """The broker and the trunk workers; returns the address silos connect to."""
+    front, back = (f"tcp://127.0.0.1:{p}" for p in ports)
+    fed.start("broker", ["broker", "--frontend-bind", front, "--backend-bind", back, "--mode", cfg.mode,
+                         "--silos", ",".join(cfg.silo_ids), "--batch-window-ms", str(cfg.batch_window_ms),
+                         "--aggregation", cfg.aggregation, "--max-inflight", str(cfg.max_inflight),
+                         "--personalize", str(cfg.personalize).lower()], env=keys_env.get("broker"))
+    for wid in cfg.worker_ids:
+        fed.start(wid, ["trunk", "--broker-backend", back, "--worker-id", wid, "--mode", cfg.mode,
+                        "--checkpoint-dir", str(run_dir / "checkpoints")],
+                  env=keys_env.get("trunk"))
+    return front
 
 
 class Progress:
@@ -164,6 +190,8 @@ def collect_losses(run_dir: Path, cfg: DemoConfig) -> tuple[list[dict], float, f
         train_s = max(train_s, doc["wall_s"])
         crypto_s += doc.get("crypto_s", 0.0)
         for h in doc["steps"]:
-            rows.append({"silo": sid, "silo_index": doc["silo_index"], **h})
-    rows.sort(key=lambda r: r["trunk_seq"])
+            if not h.get("skipped"):  # a straggler's step (client-batch) applied nothing
+                rows.append({"silo": sid, "silo_index": doc["silo_index"], **h})
+    rows.sort(key=lambda r: (r["trunk_seq"], r["silo_index"]))
     return rows, train_s, crypto_s
+

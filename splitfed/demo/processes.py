@@ -31,6 +31,9 @@ class Role:
     name: str
     proc: subprocess.Popen
     log_path: Path
+    args: list[str]
+    env: dict[str, str] | None
+    restarts: int = 0
 
 
 class Federation:
@@ -49,8 +52,21 @@ class Federation:
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=_die_with_parent,
             )
-        role = Role(name, proc, log_path)
+        role = Role(name, proc, log_path, list(args), env, self.roles[name].restarts if name in self.roles else 0)
         self.roles[name] = role
+        return role
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a role (fault injection) and wait until it is gone."""
+        role = self.roles[name]
+        role.proc.kill()
+        role.proc.wait()
+
+    def restart(self, name: str) -> Role:
+        """Start a role again with its original command line, as a supervisor would."""
+        old = self.roles[name]
+        role = self.start(name, old.args, old.env)
+        role.restarts = old.restarts + 1
         return role
 
     def exited(self) -> dict[str, int]:

@@ -20,15 +20,27 @@ DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 
 class PrivateRedis:
-    def __init__(self, binary: str) -> None:
+    """``persistent``: append-only file fsynced on every write, so a killed Redis restarts with
+    everything it had acknowledged (the demo's ``--kill redis@STEP``)."""
+
+    def __init__(self, binary: str, persistent: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="splitfed-redis-"))
         self.socket = self.dir / "redis.sock"
-        self.proc = subprocess.Popen(
-            [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+        self.command = [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
+                        "--save", "", *persistence, "--dir", str(self.dir)]
         self.url = f"unix://{self.socket}?db=0"
+        self._launch(binary)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def restart(self) -> None:
+        self._launch(self.command[0])
+
+    def _launch(self, binary: str) -> None:
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if _answers(self.url):
@@ -68,17 +80,18 @@ def _redis_binary() -> str | None:
         return None
 
 
-def find_or_start_redis() -> tuple[str, PrivateRedis | None]:
+def find_or_start_redis(private_persistent: bool = False) -> tuple[str, PrivateRedis | None]:
+    """``private_persistent``: always a private Redis with persistence (one the demo may kill)."""
     url = os.environ.get("SPLITFED_REDIS_URL")
-    if url:
+    if url and not private_persistent:
         if not _answers(url):
             raise RuntimeError(f"SPLITFED_REDIS_URL={url} does not answer")
         return url, None
-    if _answers(DEFAULT_URL):
+    if not private_persistent and _answers(DEFAULT_URL):
         return DEFAULT_URL, None
     binary = _redis_binary()
     if binary is None:
         raise RuntimeError("no Redis answers at 127.0.0.1:6379 and no redis-server binary was found: "
                            "install redis-server (apt-get install redis-server) or set SPLITFED_REDIS_URL")
-    private = PrivateRedis(binary)
+    private = PrivateRedis(binary, persistent=private_persistent)
     return private.url, private

@@ -14,8 +14,10 @@ def print_summary(result: dict, rows: list[dict]) -> None:
         tail = losses[-5:]
         lines.append(f"{sid:<8}{len(losses):>6}{losses[0]:>12.4f}{losses[-1]:>12.4f}{sum(tail) / len(tail):>13.4f}")
     lines.append("-" * len(header))
-    lines.append(f"mode {result['mode']}: {len(rows)} trunk updates, {result['train_wall_s']:.1f}s training "
-                 f"({len(rows) / max(result['train_wall_s'], 1e-9):.2f} steps/s), {result['wall_s']:.1f}s with start-up")
+    updates = len({r["trunk_seq"] for r in rows}) if result["mode"] == "client-batch" else len(rows)
+    lines.append(f"mode {result['mode']}: {len(rows)} silo steps in {updates} trunk updates, "
+                 f"{result['train_wall_s']:.1f}s training ({len(rows) / max(result['train_wall_s'], 1e-9):.2f} silo steps/s), "
+                 f"{result['wall_s']:.1f}s with start-up")
     security = "sealed end to end, rekeyed every round" if result.get("encryption") else "NOT encrypted"
     if result.get("curve"):
         security += ", CurveZMQ on every socket"

@@ -1,0 +1,124 @@
+"""Run one local federation to its end and collect its results (used by `demo` and `bench`)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+
+import click
+from redis import RedisError
+
+from shared.registry import Registry
+from splitfed.demo.faults import FaultInjector, parse_kills
+from splitfed.demo.federation_run import (
+    RUN_TTL_S,
+    DemoConfig,
+    Progress,
+    collect_losses,
+    launch,
+    make_curve_certificates,
+    make_throwaway_keys,
+    new_run_id,
+    write_silo_data,
+)
+from splitfed.demo.processes import Federation
+from splitfed.demo.redis_server import find_or_start_redis
+
+
+class RoleFailed(click.ClickException):
+    exit_code = 1
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: float | None = None
+                   ) -> tuple[dict, list[dict]]:
+    """Start Redis (if needed), the broker, the trunk workers and the silos; wait; return (result, rows)."""
+    started = time.perf_counter() if started is None else started
+    faults = parse_kills(cfg.kills, cfg.silo_ids, cfg.worker_ids)
+    url, private_redis = find_or_start_redis(private_persistent=any(f.role == "redis" for f in faults))
+    run_id = new_run_id()
+    registry = Registry(url, key_prefix, run_id)
+    registry.create_run({"mode": cfg.mode, "silos": ",".join(cfg.silo_ids), "steps": cfg.steps,
+                         "local_steps": cfg.local_steps, "model": cfg.model, "adapter": cfg.adapter, "status": "running"})
+    click.echo(f"run {run_id}: Redis {url}, logs in {run_dir / 'logs'}", err=True)
+    fed = Federation(run_dir / "logs", {"SPLITFED_REDIS_URL": url, "SPLITFED_RUN_ID": run_id,
+                                         "SPLITFED_KEY_PREFIX": key_prefix, **cfg.model_env()})
+    status = "failed"
+    try:
+        data = write_silo_data(run_dir, cfg)
+        keys_env = make_throwaway_keys(run_dir, cfg, registry)
+        for role, extra in make_curve_certificates(run_dir, cfg).items():
+            keys_env[role] = {**keys_env.get(role, {}), **extra}
+        launch(fed, cfg, tuple(free_ports(2)), data, run_dir, keys_env)
+        supervise(fed, cfg, registry, FaultInjector(faults, fed, private_redis, cfg.silo_ids))
+        status = "finished"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        click.echo("\ninterrupted: stopping every role", err=True)
+        sys.exit(130)
+    except RoleFailed:
+        click.echo(f"logs and data kept in {run_dir}", err=True)
+        raise
+    finally:
+        fed.stop()
+        trunk_info = [registry.info("trunk", w) for w in cfg.worker_ids]
+        trunk_crypto_s = sum(float(i.get("crypto_s", 0.0)) for i in trunk_info)
+        trunk_peak_rss_mb = max((float(i.get("peak_rss_mb", 0.0)) for i in trunk_info), default=0.0)
+        rejected = registry.rejected()
+        registry.set_run_status(status)
+        registry.expire_run(RUN_TTL_S)
+        if private_redis is not None:
+            private_redis.stop()
+    fed_wall = time.perf_counter() - started
+
+    rows, train_s, crypto_s = collect_losses(run_dir, cfg)
+    result = {"mode": cfg.mode, "silos": cfg.silos, "steps": cfg.steps, "local_steps": cfg.local_steps,
+              "aggregation": cfg.aggregation, "personalize": cfg.personalize, "workers": cfg.workers,
+              "model": cfg.model, "adapter": cfg.adapter, "seed": cfg.seed, "run_id": run_id,
+              "encryption": cfg.encryption, "curve": cfg.curve, "rejected_frames": rejected,
+              "losses": [r["loss"] for r in rows], "schedule": [[r["silo"], r["step"]] for r in rows],
+              "step_end_times": [r.get("t") for r in rows],
+              "wall_s": round(fed_wall, 3), "train_wall_s": round(train_s, 3),
+              "silo_crypto_s": round(crypto_s, 4), "trunk_crypto_s": round(trunk_crypto_s, 4),
+              # serial mode: every seal/open is on the critical path of the steps
+              "crypto_share": round((crypto_s + trunk_crypto_s) / max(train_s, 1e-9), 5)}
+    result["trunk_peak_rss_mb"] = trunk_peak_rss_mb
+    result["faults"] = [f.as_dict() for f in faults]
+    return result, rows
+
+
+def supervise(fed: Federation, cfg: DemoConfig, registry: Registry, faults: FaultInjector | None = None) -> None:
+    """Wait for every silo to finish; if any role dies (other than by fault injection), stop and show why."""
+    faults = faults or FaultInjector([], fed, None, cfg.silo_ids)
+    progress = Progress(registry, cfg)
+    try:
+        next_status = 0.0
+        while True:
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + 0.5
+                try:
+                    progress.update()
+                except RedisError:
+                    pass  # Redis restarting (a fault being injected): the roles retry, so does the status line
+            faults.poll()
+            failed = fed.failed()
+            if failed:
+                name, code = next(iter(failed.items()))
+                raise RoleFailed(f"{name} exited with code {code}; last lines of its log:\n{fed.tail(name)}")
+            if all(s in fed.exited() for s in cfg.silo_ids):
+                return
+            time.sleep(0.05 if faults.faults else 0.5)
+    finally:
+        progress.done()

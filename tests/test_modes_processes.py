@@ -1,0 +1,101 @@
+"""The parallel modes across real processes (Redis, broker, trunk workers, silos) against their
+single-process references, through `splitfed demo` exactly as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _demo(tmp_path, redis_prefix, *args: str) -> dict:
+    out = tmp_path / "run.json"
+    env = {**os.environ, "SPLITFED_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "splitfed", "demo", "--model", "tiny", "--check-centralized",
+                           "--key-prefix", redis_prefix, "--json", str(out), *args],
+                          env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_client_batch_matches_its_reference(tmp_path, redis_prefix):
+    result = _demo(tmp_path, redis_prefix, "--mode", "client-batch", "--silos", "4", "--steps", "10",
+                   "--local-steps", "5")
+    assert len(result["losses"]) == 40
+    assert result["max_abs_loss_diff"] <= 1e-5
+    # one trunk update per step, shared by all four silos
+    assert sorted({s for s, _ in result["schedule"]}) == ["silo0", "silo1", "silo2", "silo3"]
+
+
+def test_hierarchical_two_workers_matches_its_fedavg_reference(tmp_path, redis_prefix):
+    result = _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "4", "--workers", "2",
+                   "--steps", "6", "--local-steps", "3")
+    assert len(result["losses"]) == 24
+    assert result["max_abs_loss_diff"] <= 1e-5
+
+
+def test_a_dead_trunk_worker_hands_its_silos_to_another(tmp_path, redis_prefix):
+    """Hierarchical, two workers: SIGKILL one mid-run; its silos move to the other (Redis records
+    it), their open step is sent again, and every silo finishes all its steps."""
+    from shared.models import resolve_model_dir
+    from shared.registry import Registry
+    from splitfed.demo.faults import latest_step
+    from splitfed.demo.federation_run import DemoConfig, launch, make_throwaway_keys, write_silo_data
+    from splitfed.demo.processes import Federation
+    from splitfed.demo.runner import free_ports
+    from tests.conftest import REDIS_URL
+
+    os.environ["SPLITFED_CACHE_DIR"] = str(tmp_path / "cache")
+    resolve_model_dir("tiny")
+    # Enough steps that the kill lands mid-round on any machine (a tiny step takes ~20 ms here).
+    cfg = DemoConfig(mode="hierarchical", silos=2, workers=2, steps=300, local_steps=300, model="tiny",
+                     batch_size=2, max_length=32, extra_env={"SPLITFED_LIVENESS_TTL_S": "2"})
+    registry = Registry(REDIS_URL, redis_prefix, "deadworker")
+    registry.create_run({"mode": cfg.mode, "silos": ",".join(cfg.silo_ids)})
+    fed = Federation(tmp_path / "logs", {"SPLITFED_REDIS_URL": REDIS_URL, "SPLITFED_RUN_ID": "deadworker",
+                                         "SPLITFED_KEY_PREFIX": redis_prefix,
+                                         "SPLITFED_CACHE_DIR": str(tmp_path / "cache"), **cfg.model_env()})
+
+    def tails() -> str:
+        return "\n".join(f"== {n}\n{fed.tail(n, 12)}" for n in ("broker", "silo1", *cfg.worker_ids))
+
+    try:
+        launch(fed, cfg, tuple(free_ports(2)), write_silo_data(tmp_path, cfg), tmp_path,
+               make_throwaway_keys(tmp_path, cfg, registry))
+        deadline = time.monotonic() + 240
+        # progress from the silos' log lines: immediate, unlike the heartbeat's view in Redis
+        while len(set(registry.assignments().values())) < 2 or \
+                min(latest_step(fed.roles[s].log_path) for s in cfg.silo_ids) < 3:
+            assert time.monotonic() < deadline and not fed.failed(), tails()
+            time.sleep(0.1)
+        victim = registry.assignments()["silo1"]
+        killed_at = latest_step(fed.roles["silo1"].log_path)
+        fed.roles[victim].proc.kill()
+        deadline = time.monotonic() + 240
+        while not all(s in fed.exited() for s in cfg.silo_ids):
+            assert time.monotonic() < deadline, tails()
+            time.sleep(0.5)
+        assert killed_at < cfg.steps - 1, "the kill came after silo1's last step: nothing was tested"
+        assert {s: fed.exited()[s] for s in cfg.silo_ids} == {"silo0": 0, "silo1": 0}, fed.tail("silo1")
+        survivor = next(w for w in cfg.worker_ids if w != victim)
+        assert set(registry.assignments().values()) == {survivor}
+        for s in cfg.silo_ids:
+            assert int(registry.info("silo", s)["step"]) == cfg.steps - 1
+    finally:
+        fed.stop()
+        os.environ.pop("SPLITFED_CACHE_DIR", None)
+
+
+def test_cut_defense_is_applied_on_the_wire(tmp_path, redis_prefix):
+    """With noise on the cut activations the run still trains, and its losses leave the (noise-free)
+    reference: the defense really sits between the head and the wire."""
+    result = _demo(tmp_path, redis_prefix, "--mode", "serial", "--silos", "1", "--steps", "4", "--local-steps", "4",
+                   "--cut-clip-norm", "5.0", "--cut-noise-sigma", "0.5")
+    assert len(result["losses"]) == 4 and all(v == v for v in result["losses"])  # no NaN
+    assert result["max_abs_loss_diff"] > 1e-3
