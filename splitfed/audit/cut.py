@@ -1,0 +1,64 @@
+"""What the head sends at a cut of k blocks (k = 0: the embeddings alone), from the public weights.
+
+The attacker holds the same public base weights the silo's head starts from, so one object serves
+both sides: the victim's activations and the attacker's differentiable copy of the head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shared.model_split import build_part, positions_from_mask
+
+
+class HeadBlocks:
+    """Token embeddings and the first ``max_blocks`` decoder blocks of a model, frozen, in fp32."""
+
+    def __init__(self, model_dir: str | Path, max_blocks: int):
+        # build_part needs >= 1 head block and a trunk left over; k = 0 uses the embeddings only.
+        self.head = build_part(model_dir, "head", head_layers=max(1, max_blocks), tail_layers=1)
+        self.head.requires_grad_(False).eval()
+        self.max_blocks = max_blocks
+        facts = self.head.facts
+        self._embed: nn.Embedding = self.head.get_submodule(facts.embed)
+        self._pos_embed: nn.Embedding | None = self.head.get_submodule(facts.pos_embed) if facts.pos_embed else None
+
+    @property
+    def hidden_size(self) -> int:
+        return self._embed.weight.shape[1]
+
+    @property
+    def token_embeddings(self) -> torch.Tensor:
+        """[V, H]: the public embedding table (also the tied LM head for SmolLM2)."""
+        return self._embed.weight
+
+    def position_part(self, positions: torch.Tensor) -> torch.Tensor | float:
+        """What learned absolute positions add to a token's embedding (0 for rotary families)."""
+        return self._pos_embed(positions) if self._pos_embed is not None else 0.0
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._embed(input_ids) + self.position_part(positions)
+
+    def blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+               k: int) -> torch.Tensor:
+        """Run the first ``k`` blocks on ``hidden`` (differentiable in ``hidden``).
+
+        Uses the part's own block runner (model_split's _run_layers) so masks and rotary are built
+        exactly as the silo builds them; model_split has no public "blocks from embeddings" call.
+        """
+        if not 0 <= k <= self.max_blocks:
+            raise ValueError(f"cut of {k} blocks: this copy holds 0..{self.max_blocks}")
+        if k == 0:
+            return hidden
+        owned = self.head._layers()
+        layers = {i: owned[i] for i in range(k)}
+        return self.head._run_layers(hidden, layers, 0, attention_mask, positions)
+
+    @torch.no_grad()
+    def cut(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+        """[B, T, H]: what a silo with k head blocks sends, before any defense."""
+        positions = positions_from_mask(attention_mask)
+        return self.blocks(self.embed(input_ids, positions), attention_mask, positions, k)

@@ -1,0 +1,137 @@
+"""What a defense costs: a short LoRA fine-tune on BBC topic classification through the split.
+
+head -> defense -> trunk -> tail in one process, with the same seed, data order, steps and adapter
+initialisation for every defense, so the only difference between two runs is the defense. After
+training, the held-out examples are scored through the same defended pipeline (a deployed silo
+keeps its defense at inference too): completion loss, and topic accuracy from the logits of the
+answer's deciding token (argmax over the five topics' tokens there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from shared.adapters import AdapterConfig, apply_adapter, unique_parameters
+from shared.bbc import TOPICS, demo_examples
+from shared.cut_defense import noise_generator
+from shared.data import IGNORE_INDEX, Example, SiloDataset, collate, encode_example
+from shared.loss import causal_lm_loss
+from shared.model_split import build_part, build_silo_parts, positions_from_mask
+from shared.optim import make_optimizer
+from shared.tokenizer import load_tokenizer
+from splitfed.audit.attacks import Defense
+
+OnStep = Callable[[int, int, float], None]
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    steps: int = 8
+    batch_size: int = 4
+    max_length: int = 96
+    eval_examples: int = 24
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class UtilityScores:
+    train_loss_first: float | None  # loss of the first step (same batch for every defense); None: no steps
+    train_loss_last: float | None  # mean loss of the last quarter of the steps
+    eval_loss: float  # held-out completion loss after fine-tuning, through the defense
+    eval_accuracy: float  # % of held-out articles whose topic the model ranks first
+
+    def to_json(self) -> dict[str, float]:
+        return {k: None if v is None else round(v, 4) for k, v in asdict(self).items()}
+
+
+class SplitPipeline:
+    """The silo's head and tail and the trunk, LoRA on all three, the defense at the cut."""
+
+    def __init__(self, model_dir: Path, cut: int, spec: FinetuneSpec):
+        self.head, self.tail = build_silo_parts(model_dir, head_layers=cut, tail_layers=1)
+        self.trunk = build_part(model_dir, "trunk", head_layers=cut, tail_layers=1)
+        adapter = AdapterConfig()
+        params = [apply_adapter(part, adapter, spec.seed) for part in (self.head, self.trunk, self.tail)]
+        self.params = unique_parameters(*params)
+
+    def logits(self, input_ids, attention_mask, defense: Defense, generator: torch.Generator) -> torch.Tensor:
+        positions = positions_from_mask(attention_mask)
+        hidden = self.head(input_ids, attention_mask, positions)
+        hidden = defense.apply(hidden, attention_mask, generator)  # on the silo, before sealing
+        hidden = self.trunk(hidden, attention_mask, positions)
+        return self.tail(hidden, attention_mask, positions)
+
+
+def _split_examples(n_eval: int) -> tuple[list[Example], list[Example]]:
+    records = demo_examples()
+    if not 1 <= n_eval < len(records):
+        raise ValueError(f"eval_examples must be in 1..{len(records) - 1}, got {n_eval}")
+    examples = [Example(r["prompt"], r["completion"]) for r in records]
+    return examples[n_eval:], examples[:n_eval]
+
+
+def _topic_tokens(tokenizer) -> tuple[int, torch.Tensor]:
+    """(offset, ids): the answers' first differing token (a byte tokenizer shares the leading space)."""
+    seqs = [tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in TOPICS]
+    for offset in range(min(map(len, seqs))):
+        ids = [s[offset] for s in seqs]
+        if len(set(ids)) == len(ids):
+            if all(s[:offset] == seqs[0][:offset] for s in seqs):
+                return offset, torch.tensor(ids)
+            break
+    raise ValueError("this tokenizer gives the topics no common prefix followed by distinct tokens")
+
+
+@torch.no_grad()
+def _evaluate(pipe: SplitPipeline, tokenizer, examples: list[Example], spec: FinetuneSpec,
+              defense: Defense) -> tuple[float, float]:
+    offset, topic_ids = _topic_tokens(tokenizer)
+    total_loss, total_tokens, correct = 0.0, 0, 0
+    for start in range(0, len(examples), spec.batch_size):
+        chunk = examples[start:start + spec.batch_size]
+        batch = collate([encode_example(tokenizer, ex, spec.max_length) for ex in chunk], tokenizer.pad_token_id)
+        gen = noise_generator(spec.seed, "utility-eval", start)
+        logits = pipe.logits(batch.input_ids, batch.attention_mask, defense, gen)
+        n = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+        total_loss += float(causal_lm_loss(logits, batch.labels)) * n
+        total_tokens += n
+        for row, labels in enumerate(batch.labels):
+            at = int((labels != IGNORE_INDEX).nonzero()[0]) + offset  # the answer's deciding token
+            guess = int(logits[row, at - 1, topic_ids].argmax())
+            correct += int(topic_ids[guess] == labels[at])
+    return total_loss / total_tokens, 100.0 * correct / len(examples)
+
+
+def finetune_cost(model_dir: Path, cut: int, defense: Defense, spec: FinetuneSpec,
+                  on_step: OnStep | None = None) -> UtilityScores:
+    """Fine-tune with ``defense`` at a cut of ``cut`` head blocks; score the held-out examples."""
+    if cut < 1:
+        raise ValueError("a silo keeps at least one head block: defenses apply at cut >= 1")
+    tokenizer = load_tokenizer(model_dir)
+    train, held_out = _split_examples(spec.eval_examples)
+    data = SiloDataset(train, tokenizer, spec.batch_size, spec.max_length, spec.seed, 0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        pipe = SplitPipeline(model_dir, cut, spec)
+    opt = make_optimizer(pipe.params, spec.lr, 0.0)
+    losses = []
+    for step in range(spec.steps):
+        batch = data.batch(step)
+        gen = noise_generator(spec.seed, "utility-train", step)
+        loss = causal_lm_loss(pipe.logits(batch.input_ids, batch.attention_mask, defense, gen), batch.labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(step + 1, spec.steps, losses[-1])
+    eval_loss, accuracy = _evaluate(pipe, tokenizer, held_out, spec, defense)
+    if not losses:
+        return UtilityScores(None, None, eval_loss, accuracy)
+    last = losses[-max(1, len(losses) // 4):]
+    return UtilityScores(losses[0], sum(last) / len(last), eval_loss, accuracy)
