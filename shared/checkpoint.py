@@ -34,7 +34,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer | None) -> dict[str, torc
     out = {}
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
         for key, value in optimizer.state.get(p, {}).items():
-            out[f"opt/{i}/{key}"] = torch.as_tensor(value).detach().cpu().clone()
+            # no copy: save() writes straight from the tensors, and a copy of every silo's moments
+            # would double a hierarchical worker's optimizer memory at each round end
+            out[f"opt/{i}/{key}"] = torch.as_tensor(value).detach().cpu()
     return out
 
 

@@ -77,7 +77,9 @@ class TrunkWorker:
         self.generations = TrunkGenerations(self.trunk, self.device, self.wire_dtype)
         self.pending = PendingGraphs(settings.max_pending)
         self.updates = 0
-        self.applied: dict[tuple[str, int], Message] = {}  # this round's results, for retried BACKWARDs
+        # Each silo's last applied step and its result, for a retried BACKWARD: a silo sends step n+1
+        # only after step n's result, so the last one is the only one that can come again.
+        self.applied: dict[str, tuple[int, Message]] = {}
         self.accepted_hellos: dict[str, bytes] = {}
         self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
         self._stopping = False
@@ -233,9 +235,10 @@ class TrunkWorker:
 
     def backward(self, msg: Message) -> Message:
         key = (msg.silo_id, msg.step)
-        if key in self.applied:  # a retry of a step already applied: the same answer, no second update
+        last_applied = self.applied.get(msg.silo_id)
+        if last_applied is not None and last_applied[0] == msg.step:  # a retry: same answer, no second update
             log.warning("%s step %d already applied: answering again without applying", *key)
-            return self.applied[key]
+            return last_applied[1]
         if key not in self.pending:
             raise StepError("no_open_step", f"no forward pending for {msg.silo_id} step {msg.step}")
         h1, h2, forward_s = self.pending.first(key)
@@ -258,7 +261,7 @@ class TrunkWorker:
         applied = torch.tensor([self.updates], dtype=torch.int64)
         result = Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
                          tensors=[h1.grad.to(self.wire_dtype), applied])
-        self.applied[key] = result
+        self.applied[msg.silo_id] = (msg.step, result)
         return result
 
     # ------------------------------------------------------------------ client-batch
