@@ -52,10 +52,20 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer | None, tensors: dic
         state.setdefault(int(index), {})[key] = value
     if any(i >= len(params) for i in state):
         raise ValueError(f"checkpoint has optimizer state for {max(state) + 1} parameters, the optimizer {len(params)}")
-    optimizer.state.clear()
-    for i, entries in state.items():
-        p = params[i]
-        optimizer.state[p] = {k: (v if k == "step" else v.to(p.device, p.dtype)) for k, v in entries.items()}
+    for i, p in enumerate(params):
+        entries = state.get(i)
+        if entries is None:
+            optimizer.state.pop(p, None)
+            continue
+        current = optimizer.state.get(p, {})
+        restored = {}
+        for k, v in entries.items():
+            kept = current.get(k)
+            if k != "step" and isinstance(kept, torch.Tensor) and kept.shape == v.shape:
+                restored[k] = kept.copy_(v)  # in place: the state may be a view of a larger buffer
+            else:
+                restored[k] = v if k == "step" else v.to(p.device, p.dtype)
+        optimizer.state[p] = restored
 
 
 def save(directory: Path, rnd: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:

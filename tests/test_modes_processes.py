@@ -70,7 +70,8 @@ def test_a_dead_trunk_worker_hands_its_silos_to_another(tmp_path, redis_prefix):
                make_throwaway_keys(tmp_path, cfg, registry))
         deadline = time.monotonic() + 240
         # progress from the silos' log lines: immediate, unlike the heartbeat's view in Redis
-        while len(set(registry.assignments().values())) < 2 or \
+        # Both silos may land on the worker that registered first: killing it tests the same thing.
+        while len(registry.assignments()) < 2 or \
                 min(latest_step(fed.roles[s].log_path) for s in cfg.silo_ids) < 3:
             assert time.monotonic() < deadline and not fed.failed(), tails()
             time.sleep(0.1)

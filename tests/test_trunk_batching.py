@@ -108,6 +108,53 @@ def test_per_silo_adapters_share_the_base_and_stay_apart(model_dir):
     assert all(torch.equal(x, y) for x, y in zip(adapters.params["a"], adapters.params["b"]))
 
 
+def test_a_silos_adapter_and_moments_are_one_buffer_and_train_like_plain_adamw(model_dir):
+    """The flat per-silo state (parameters | exp_avg | exp_avg_sq) changes no number: three steps
+    equal plain AdamW on separate tensors, and a checkpoint restores into the same buffer."""
+    from shared import checkpoint
+    from shared.optim import make_optimizer
+
+    trunk, _ = _trunk(model_dir)
+    adapters = SiloAdapters(trunk, lr=1e-2, weight_decay=0.01)
+    plain = [torch.nn.Parameter(t.clone()) for t in adapters.template]
+    plain_opt = make_optimizer(plain, 1e-2, 0.01)
+    m = _member("a", 2, 5, [5, 3], 4)
+    for _ in range(3):
+        opt = adapters.activate("a")
+        trunk(m.tensors[0], m.tensors[1].long(), m.tensors[2].long()).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    # the same steps on plain tensors (the trunk's slots point at silo a's views: swap them out)
+    slots = [(owner, attr) for owner, attr, _ in adapters.slots]
+    for (owner, attr), p in zip(slots, plain):
+        owner._parameters[attr] = p
+    with torch.no_grad():
+        for p, t in zip(plain, adapters.template):
+            p.copy_(t)
+    for _ in range(3):
+        trunk(m.tensors[0], m.tensors[1].long(), m.tensors[2].long()).square().mean().backward()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+    assert all(torch.equal(x, y) for x, y in zip(adapters.params["a"], plain))
+    flat = adapters.flat["a"]
+    storage = flat.untyped_storage().data_ptr()
+    state = adapters.optimizers["a"].state
+    assert all(p.untyped_storage().data_ptr() == storage for p in adapters.params["a"])
+    assert all(state[p][k].untyped_storage().data_ptr() == storage
+               for p in adapters.params["a"] for k in ("exp_avg", "exp_avg_sq"))
+    assert all(torch.equal(state[p]["exp_avg"], plain_opt.state[q]["exp_avg"])
+               for p, q in zip(adapters.params["a"], plain))
+    saved = checkpoint.optimizer_tensors(adapters.optimizers["a"])
+    saved = {k: v.clone() for k, v in saved.items()}
+    with torch.no_grad():
+        for p in adapters.params["a"]:
+            state[p]["exp_avg"].zero_()
+    checkpoint.load_optimizer_tensors(adapters.optimizers["a"], saved)
+    assert all(state[p]["exp_avg"].untyped_storage().data_ptr() == storage for p in adapters.params["a"])
+    assert all(torch.equal(state[p]["exp_avg"], plain_opt.state[q]["exp_avg"])
+               for p, q in zip(adapters.params["a"], plain))
+
+
 def test_hierarchical_refuses_a_frozen_trunk(model_dir):
     trunk = build_part(model_dir, "trunk", 1, 1)
     trunk.requires_grad_(False)
