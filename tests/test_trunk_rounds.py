@@ -45,3 +45,33 @@ def test_when_no_silo_is_left_to_average_the_survivors_only_checkpoint():
     assert rounds.done(3, "t0") is True
     rounds.start(4, ["t0", "t1"], ["t0", "t1"], {"s0": 5, "s1": 5})
     assert rounds.worker_lost("t0", {"s0"}) == ([], {4: [("t1", "t1;s1:5")]})
+
+
+def test_trunk_sync_partials_open_only_for_the_service_and_their_round():
+    """The worker-to-worker partial sums: exact round trip, sealed under the trunk service key."""
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from shared.wire import FrameError
+    from trunk_worker.trunk_sync import TrunkSync
+
+    service = SimpleNamespace(x25519=x25519.X25519PrivateKey.generate())
+    w0, w1 = TrunkSync("run", "w0", service), TrunkSync("run", "w1", service)
+    partial = torch.randn(1000, dtype=torch.float64)
+    sealed = w0.seal(3, partial, 7.0)
+    assert sealed.numel() > 8 * 1001 and not bytes(sealed.numpy()).count(partial.numpy().tobytes()[:64])
+    values, weight = w1.open(3, "w0", sealed)
+    assert torch.equal(values, partial) and weight == 7.0
+    for rnd, sender in ((4, "w0"), (3, "w1")):  # another round, or a claimed other sender
+        with pytest.raises(FrameError, match="does not open"):
+            w1.open(rnd, sender, sealed)
+    outsider = TrunkSync("run", "w1", SimpleNamespace(x25519=x25519.X25519PrivateKey.generate()))
+    with pytest.raises(FrameError, match="does not open"):
+        outsider.open(3, "w0", sealed)
+    tampered = sealed.clone()
+    tampered[40] ^= 1
+    with pytest.raises(FrameError, match="does not open"):
+        w1.open(3, "w0", tampered)

@@ -92,8 +92,8 @@ class SiloAdapters:
         """sum_s n_s * theta_s over the given silos held here (float64, flattened), and sum_s n_s."""
         held = [s for s in sorted(weights) if s in self.params]
         total = torch.zeros(sum(t.numel() for t in self.template), dtype=torch.float64)
-        for s in held:
-            total += weights[s] * self.flat[s].detach().double().cpu()
+        for s in held:  # in place: no float64 copy of each silo's adapter (the product is exact either way)
+            total.add_(self.flat[s].detach().cpu(), alpha=weights[s])
         return total, float(sum(weights[s] for s in held))
 
     def set_all(self, average: torch.Tensor) -> None:

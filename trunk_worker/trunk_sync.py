@@ -48,20 +48,28 @@ class TrunkSync:
             raise FrameError("schema", f"bad ROUND_END text {text[:80]!r}")
         return workers, weights
 
+    # The partial is the size of a whole adapter in float64 and a worker with many silos is at its
+    # fullest at a round's end: seal and open with as few whole-size copies as the AEAD allows.
     def seal(self, rnd: int, partial: torch.Tensor, weight: float) -> torch.Tensor:
-        plain = np.append(partial.numpy(), weight).astype("<f8").tobytes()
-        if self._aead is not None:
-            nonce = os.urandom(NONCE_BYTES)
-            plain = nonce + self._aead.encrypt(nonce, plain, self._aad(rnd, self.worker_id))
-        return torch.frombuffer(bytearray(plain), dtype=torch.uint8)
+        plain = np.empty(partial.numel() + 1, dtype="<f8")
+        plain[:-1] = partial.numpy()
+        plain[-1] = weight
+        if self._aead is None:
+            return torch.from_numpy(plain.view(np.uint8))
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, plain.view(np.uint8), self._aad(rnd, self.worker_id))
+        del plain
+        out = bytearray(NONCE_BYTES + len(sealed))
+        out[:NONCE_BYTES], out[NONCE_BYTES:] = nonce, sealed
+        return torch.frombuffer(out, dtype=torch.uint8)
 
     def open(self, rnd: int, sender: str, payload: torch.Tensor) -> tuple[torch.Tensor, float]:
-        raw = bytes(payload.numpy())
+        raw = payload.numpy()  # a view: no copy of the sealed bytes
         if self._aead is not None:
             from cryptography.exceptions import InvalidTag
 
             try:
-                raw = self._aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], self._aad(rnd, sender))
+                raw = self._aead.decrypt(raw[:NONCE_BYTES].tobytes(), raw[NONCE_BYTES:], self._aad(rnd, sender))
             except (InvalidTag, ValueError) as exc:
                 raise FrameError("bad_seal", f"trunk sync from {sender} does not open") from exc
         if len(raw) % 8 or len(raw) < 16:
