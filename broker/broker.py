@@ -239,10 +239,7 @@ class Broker:
         elif header.kind == Kind.DISCONNECT:
             log.info("silo %s finished", silo)
             self.left.add(silo)
-            if self.scheduler is not None:
-                self.scheduler.silo_done(silo)
-            if self.window is not None:
-                self.window.silo_done(silo)
+            self._unschedule(silo)
             self.rounds.drop(silo, "left the run")
             if self.left >= set(self.silos):
                 self._redis("finish the rounds", self.registry.finish_rounds)
@@ -420,11 +417,15 @@ class Broker:
             if now - last > limit:
                 log.warning("silo %s silent for %.0fs: the run goes on without it until it registers again", silo, limit)
                 self.away.add(silo)
-                if self.scheduler is not None:
-                    self.scheduler.silo_done(silo)
-                if self.window is not None:
-                    self.window.silo_done(silo)
+                self._unschedule(silo)
                 self.rounds.drop(silo, "away")
+
+    def _unschedule(self, silo: str) -> None:
+        """``silo`` left or went away: the serial turn order and the batch window stop waiting for it."""
+        if self.scheduler is not None:
+            self.scheduler.silo_done(silo)
+        if self.window is not None:
+            self.window.silo_done(silo)
 
     def _purge_worker(self, worker_id: str) -> None:
         log.warning("trunk worker %s is dead (no heartbeat in Redis): purging it", worker_id)
@@ -492,10 +493,7 @@ class Broker:
         self.window = (BatchWindow(self.silos, s.batch_window_ms / 1000, s.batch_max_silos, s.round_timeout_s)
                        if self.mode == "client-batch" else None)
         for silo in self.left | self.away:
-            if self.scheduler is not None:
-                self.scheduler.silo_done(silo)
-            if self.window is not None:
-                self.window.silo_done(silo)
+            self._unschedule(silo)
         if self.window is not None:
             for silo in self.silo_identity:
                 self.window.silo_registered(silo)
