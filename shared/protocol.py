@@ -63,7 +63,8 @@ class Kind(enum.IntEnum):
     ROUND_END        broker -> trunk (hierarchical mode): text = "worker,...;silo:weight,..."
                      (the workers that average, and every participating silo's weight).
     TRUNK_SYNC       trunk -> broker -> every averaging worker: uint8[N], a worker's weighted
-                     partial sum of its silos' trunk adapters, sealed with the trunk service key.
+                     partial sum of its silos' trunk adapters, sealed with the trunk service key:
+                     nonce(12) | weight float64(8, authenticated) | AES-GCM(partial float64[D]) | tag(16).
     ROUND_DONE       trunk -> broker: this worker has applied the round's trunk average (if any)
                      and written its round checkpoint.
     ROUND_CLOSED     broker -> silo: the round is over without an aggregate for this silo

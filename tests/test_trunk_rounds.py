@@ -71,7 +71,34 @@ def test_trunk_sync_partials_open_only_for_the_service_and_their_round():
     outsider = TrunkSync("run", "w1", SimpleNamespace(x25519=x25519.X25519PrivateKey.generate()))
     with pytest.raises(FrameError, match="does not open"):
         outsider.open(3, "w0", sealed)
-    tampered = sealed.clone()
-    tampered[40] ^= 1
-    with pytest.raises(FrameError, match="does not open"):
-        w1.open(3, "w0", tampered)
+    for at in (40, 12):  # the encrypted partial, or the weight that travels beside it
+        tampered = sealed.clone()
+        tampered[at] ^= 1
+        with pytest.raises(FrameError, match="does not open"):
+            w1.open(3, "w0", tampered)
+    with pytest.raises(FrameError, match="bytes"):
+        w1.open(3, "w0", sealed[:30])  # truncated
+
+
+def test_trunk_sync_average_is_the_weighted_mean_of_every_workers_partial():
+    """Both workers' partials, sealed and opened, give sum(partials) / sum(weights) exactly; so does
+    the unencrypted layout (no trunk key)."""
+    from types import SimpleNamespace
+
+    import torch
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from trunk_worker.trunk_sync import TrunkSync
+
+    service = SimpleNamespace(x25519=x25519.X25519PrivateKey.generate())
+    g = torch.Generator().manual_seed(0)
+    p0, p1 = torch.randn(257, dtype=torch.float64, generator=g), torch.randn(257, dtype=torch.float64, generator=g)
+    expected = (torch.zeros(257, dtype=torch.float64) + p0 + p1) / 5.0
+    for keys in (service, None):
+        w0, w1 = TrunkSync("run", "w0", keys), TrunkSync("run", "w1", keys)
+        sealed = {"w0": w0.seal(2, p0, 2.0), "w1": w1.seal(2, p1, 3.0)}
+        w0.expected[2] = ["w0", "w1"]
+        assert w0.add(2, "w1", w0.open(2, "w1", sealed["w1"])) is None  # waits for the other partial
+        average = w0.add(2, "w0", w0.open(2, "w0", sealed["w0"]))
+        assert torch.equal(average, expected)
+        assert 2 not in w0.partials and 2 not in w0.expected

@@ -1,7 +1,8 @@
 """The trunk worker's round checkpoints: its adapter(s), optimizer state(s) and update counter.
 
 Serial and client-batch: the one shared trunk adapter. Hierarchical: every silo's adapter and
-optimizer on this worker, and the template new silos start from (the last round's average).
+optimizer on this worker, and the template new silos start from (the last round's average), each
+as its one flat buffer: a round end with many silos writes a few tensors per silo, not hundreds.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ def save_trunk(directory: Path, rnd: int, trainable, optimizer, adapters, update
         tensors.update({f"param/{i}": p for i, p in enumerate(trainable)})
         tensors.update(checkpoint.optimizer_tensors(optimizer))
     else:
-        tensors.update({f"template/{i}": t for i, t in enumerate(adapters.template)})
+        tensors["template"] = adapters.template_flat
         meta["silos"] = sorted(adapters.params)
         for silo in meta["silos"]:
-            tensors.update({f"silo/{silo}/param/{i}": p for i, p in enumerate(adapters.params[silo])})
-            tensors.update(_prefixed(f"silo/{silo}/", checkpoint.optimizer_tensors(adapters.optimizers[silo])))
+            tensors.update(_prefixed(f"silo/{silo}/", adapters.state_of(silo)))
     checkpoint.save(directory, rnd, tensors, meta)
 
 
@@ -50,12 +50,14 @@ def load_trunk(directory: Path, rnd: int, trainable, optimizer, adapters) -> int
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
         else:
-            for i, t in enumerate(adapters.template):
-                t.copy_(tensors[f"template/{i}"])
+            if "template" not in tensors:
+                raise ValueError(f"{checkpoint.path_for(directory, rnd)} holds no hierarchical trunk state "
+                                 "(written in another mode, or by a splitfed before the flat per-silo layout)")
+            adapters.template_flat.copy_(tensors["template"])
             adapters.forget_all()
             for silo in meta.get("silos", []):
-                opt = adapters.activate(silo)
-                for i, p in enumerate(adapters.params[silo]):
-                    p.copy_(tensors[f"silo/{silo}/param/{i}"])
-                checkpoint.load_optimizer_tensors(opt, _strip(f"silo/{silo}/", tensors))
+                state = _strip(f"silo/{silo}/", tensors)
+                if state.keys() != {"buffer", "steps"}:
+                    raise ValueError(f"{checkpoint.path_for(directory, rnd)} lists {silo} but holds {sorted(state)} for it")
+                adapters.load_state(silo, state["buffer"], state["steps"])
     return int(meta.get("updates", 0))

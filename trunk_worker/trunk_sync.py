@@ -17,9 +17,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from shared.sealing import HAS_INTO
 from shared.wire import FrameError
 
 NONCE_BYTES = 12
+TAG_BYTES = 16  # AES-GCM
+WEIGHT_BYTES = 8
+_CLEAR_BYTES = NONCE_BYTES + WEIGHT_BYTES
 
 
 class TrunkSync:
@@ -49,33 +53,49 @@ class TrunkSync:
         return workers, weights
 
     # The partial is the size of a whole adapter in float64 and a worker with many silos is at its
-    # fullest at a round's end: seal and open with as few whole-size copies as the AEAD allows.
+    # fullest at a round's end: seal and open with no whole-size buffer beyond the frame itself.
+    # Sealed layout: nonce | weight (float64) | AES-GCM(partial) | tag. The weight (the sum of the
+    # silos' sample counts, which the broker itself sent in ROUND_END) travels in the clear but is
+    # authenticated with the partial, so the partial is encrypted straight from its own buffer.
     def seal(self, rnd: int, partial: torch.Tensor, weight: float) -> torch.Tensor:
-        plain = np.empty(partial.numel() + 1, dtype="<f8")
-        plain[:-1] = partial.numpy()
-        plain[-1] = weight
+        plain = partial.detach().cpu().contiguous().numpy().view(np.uint8)
+        weight_bytes = np.array([weight], dtype="<f8").tobytes()
         if self._aead is None:
-            return torch.from_numpy(plain.view(np.uint8))
+            return torch.from_numpy(np.concatenate([np.frombuffer(weight_bytes, dtype=np.uint8), plain]))
         nonce = os.urandom(NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, plain.view(np.uint8), self._aad(rnd, self.worker_id))
-        del plain
-        out = bytearray(NONCE_BYTES + len(sealed))
-        out[:NONCE_BYTES], out[NONCE_BYTES:] = nonce, sealed
+        out = bytearray(_CLEAR_BYTES + plain.nbytes + TAG_BYTES)
+        out[:_CLEAR_BYTES] = nonce + weight_bytes
+        aad = self._aad(rnd, self.worker_id, weight_bytes)
+        if HAS_INTO:
+            self._aead.encrypt_into(nonce, plain, aad, memoryview(out)[_CLEAR_BYTES:])
+        else:  # pragma: no cover - cryptography without encrypt_into
+            out[_CLEAR_BYTES:] = self._aead.encrypt(nonce, plain, aad)
         return torch.frombuffer(out, dtype=torch.uint8)
 
     def open(self, rnd: int, sender: str, payload: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The sender's partial (a fresh buffer of our own) and its weight; FrameError when it does not open."""
         raw = payload.numpy()  # a view: no copy of the sealed bytes
-        if self._aead is not None:
+        sealed = self._aead is not None
+        head = _CLEAR_BYTES if sealed else WEIGHT_BYTES
+        plain_bytes = len(raw) - head - (TAG_BYTES if sealed else 0)
+        if plain_bytes % 8 or plain_bytes < 8:
+            raise FrameError("schema", f"trunk sync of {len(raw)} bytes")
+        weight_bytes = raw[head - WEIGHT_BYTES:head].tobytes()
+        values = np.empty(plain_bytes // 8, dtype="<f8")
+        if not sealed:
+            values.view(np.uint8)[:] = raw[head:]
+        else:
             from cryptography.exceptions import InvalidTag
 
+            nonce, aad = raw[:NONCE_BYTES].tobytes(), self._aad(rnd, sender, weight_bytes)
             try:
-                raw = self._aead.decrypt(raw[:NONCE_BYTES].tobytes(), raw[NONCE_BYTES:], self._aad(rnd, sender))
+                if HAS_INTO:
+                    self._aead.decrypt_into(nonce, raw[head:], aad, values.view(np.uint8))
+                else:  # pragma: no cover - cryptography without decrypt_into
+                    values.view(np.uint8)[:] = np.frombuffer(self._aead.decrypt(nonce, raw[head:], aad), dtype=np.uint8)
             except (InvalidTag, ValueError) as exc:
                 raise FrameError("bad_seal", f"trunk sync from {sender} does not open") from exc
-        if len(raw) % 8 or len(raw) < 16:
-            raise FrameError("schema", f"trunk sync of {len(raw)} bytes")
-        values = torch.from_numpy(np.frombuffer(raw, dtype="<f8").copy())
-        return values[:-1], float(values[-1])
+        return torch.from_numpy(values), float(np.frombuffer(weight_bytes, dtype="<f8")[0])
 
     def forget(self, rnd: int) -> None:
         self.expected.pop(rnd, None)
@@ -94,11 +114,17 @@ class TrunkSync:
         sizes = {v.numel() for v, _ in got.values()}
         if len(sizes) != 1:
             raise FrameError("schema", f"trunk sync partials of different sizes {sizes}")
-        total = sum((got[w][0] for w in sorted(got)), torch.zeros(sizes.pop(), dtype=torch.float64))
         weight = sum(got[w][1] for w in sorted(got))
         if weight <= 0:
             raise FrameError("schema", "trunk sync with zero total weight")
-        return total / weight
+        # In place, into the first partial (a buffer open() made for us): no whole-size sum besides
+        # the partials themselves. Same additions in the same order as from a zero start
+        # (0 + x = x; at most the sign of an exact zero differs).
+        first, *rest = sorted(got)
+        total = got[first][0]
+        for w in rest:
+            total.add_(got[w][0])
+        return total.div_(weight)
 
-    def _aad(self, rnd: int, sender: str) -> bytes:
-        return f"{self.run_id}|{rnd}|{sender}".encode()
+    def _aad(self, rnd: int, sender: str, weight_bytes: bytes) -> bytes:
+        return f"{self.run_id}|{rnd}|{sender}|".encode() + weight_bytes

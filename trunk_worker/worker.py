@@ -381,7 +381,11 @@ class TrunkWorker:
         if self.settings.checkpoint_dir is None:
             log.error("asked to resume from round %d but this worker keeps no checkpoints (--checkpoint-dir)", rnd)
             return
-        updates = load_trunk(self._checkpoints, rnd, self.trainable, self.optimizer, self.adapters)
+        try:
+            updates = load_trunk(self._checkpoints, rnd, self.trainable, self.optimizer, self.adapters)
+        except ValueError as exc:  # a checkpoint of another layout: say so, keep serving
+            log.error("cannot resume from round %d: %s", rnd, exc)
+            return
         if updates is None:
             log.error("no checkpoint of round %d in %s: cannot resume exactly", rnd, self._checkpoints)
             return
