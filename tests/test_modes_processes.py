@@ -33,8 +33,9 @@ def test_client_batch_matches_its_reference(tmp_path, redis_prefix):
     assert sorted({s for s, _ in result["schedule"]}) == ["silo0", "silo1", "silo2", "silo3"]
 
 
-def test_hierarchical_two_workers_matches_its_fedavg_reference(tmp_path, redis_prefix):
-    result = _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "4", "--workers", "2",
+@pytest.mark.parametrize("workers", ["1", "2"])  # one worker averages alone; two exchange TRUNK_SYNC
+def test_hierarchical_matches_its_fedavg_reference(tmp_path, redis_prefix, workers):
+    result = _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "4", "--workers", workers,
                    "--steps", "6", "--local-steps", "3")
     assert len(result["losses"]) == 24
     assert result["max_abs_loss_diff"] <= 1e-5

@@ -330,8 +330,16 @@ class TrunkWorker:
         if self.adapters is None:
             raise StepError("unexpected_kind", "trunk averaging outside hierarchical mode")
         workers, weights = TrunkSync.parse_round_end(msg.text)
-        self.sync.expected[msg.round] = workers
         partial, weight = self.adapters.weighted_sum(weights)
+        if workers == [self.settings.worker_id]:
+            # The only averaging worker: its partial is the whole sum. No TRUNK_SYNC round trip, and
+            # no sealed and opened copies of an adapter-sized buffer at the worker's fullest moment.
+            if weight <= 0:  # none of the round's silos trained here: nothing to average
+                log.warning("round %d: no trunk adapter of %s on this worker; nothing averaged",
+                            msg.round, ",".join(sorted(weights)))
+                return self._close_round(msg.round)
+            return self._apply_average(msg.round, partial.div_(weight))
+        self.sync.expected[msg.round] = workers
         self._send(Message(Kind.TRUNK_SYNC, msg.run_id, self.settings.worker_id, msg.round,
                            tensors=[self.sync.seal(msg.round, partial, weight)]))
 
@@ -340,9 +348,12 @@ class TrunkWorker:
             raise StepError("unexpected_kind", "TRUNK_SYNC outside hierarchical mode")
         average = self.sync.add(msg.round, msg.silo_id, self.sync.open(msg.round, msg.silo_id, msg.tensors[0]))
         if average is not None:
-            self.adapters.set_all(average)
-            log.info("round %d: trunk adapters averaged", msg.round)
-            self._close_round(msg.round)
+            self._apply_average(msg.round, average)
+
+    def _apply_average(self, rnd: int, average: torch.Tensor) -> None:
+        self.adapters.set_all(average)
+        log.info("round %d: trunk adapters averaged", rnd)
+        self._close_round(rnd)
 
     def _close_round(self, rnd: int) -> None:
         if self.settings.checkpoint_dir is not None:
