@@ -20,7 +20,7 @@ from shared.adapters import (
     with_prefix,
 )
 from shared.families import facts_for
-from shared.model_split import SplitPlan, build_full_model
+from shared.model_split import CACHE_ARG, SplitPlan, build_full_model
 
 
 class UnsplitModel:
@@ -53,7 +53,7 @@ class UnsplitModel:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            **{CACHE_ARG: cache},
             # measured: with use_cache=False the layers still read and extend a cache that is passed
             # (Llama/Qwen2/Mistral/GPT-2 in 5.23); only the creation of a new one is skipped.
             use_cache=False,

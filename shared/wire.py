@@ -21,6 +21,7 @@ No pickle, no torch.load: a tensor is rebuilt only from (dtype code, shape, raw 
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 import warnings
 from collections.abc import Sequence
@@ -223,6 +224,13 @@ def tensor_to_wire(tensor: torch.Tensor) -> tuple[TensorDesc, memoryview]:
     return desc, memoryview(raw)
 
 
+# Received buffers can be read-only; we never write into them (see Message docstring). Silenced
+# here once, for this module only: a catch_warnings() per tensor would reset every module's
+# "warn once" memory each step, so unrelated warnings would repeat in the logs at every step.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning,
+                        module=re.escape(__name__) + "$")
+
+
 def tensor_from_wire(desc: TensorDesc, buf: bytes | bytearray | memoryview) -> torch.Tensor:
     """Rebuild a tensor from its description and raw bytes. The length must match exactly."""
     view = memoryview(buf)
@@ -231,10 +239,7 @@ def tensor_from_wire(desc: TensorDesc, buf: bytes | bytearray | memoryview) -> t
     dtype = TORCH_DTYPE[desc.dtype]
     if desc.nbytes == 0:
         return torch.empty(desc.shape, dtype=dtype)
-    with warnings.catch_warnings():
-        # Received buffers can be read-only; we never write into them (see Message docstring).
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(view, dtype=dtype)
+    flat = torch.frombuffer(view, dtype=dtype)  # may be read-only: see the filter above
     return flat.view(desc.shape)
 
 

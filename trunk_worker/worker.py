@@ -325,6 +325,9 @@ class TrunkWorker:
         checkpoint the round. A second ROUND_END for the round (a worker died before its partial
         came) starts the averaging again: partials of the first attempt are dropped."""
         self.sync.forget(msg.round)
+        # Every silo of the round has its last result (it joined the round's end after it): no retry
+        # can come, and the worker is at its fullest now, so drop the kept results before averaging.
+        self.applied.clear()
         if not msg.text:
             return self._close_round(msg.round)
         if self.adapters is None:
@@ -358,7 +361,6 @@ class TrunkWorker:
     def _close_round(self, rnd: int) -> None:
         if self.settings.checkpoint_dir is not None:
             self._save_checkpoint(rnd)
-        self.applied.clear()  # steps of a closed round are never retried
         self._send(Message(Kind.ROUND_DONE, self.settings.run_id, self.settings.worker_id, rnd))
 
     # ------------------------------------------------------------------ registration and recovery

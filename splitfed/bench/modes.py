@@ -32,6 +32,7 @@ from shared.settings import ModelSettings
 from shared.tokenizer import load_tokenizer
 
 MODES = ("serial", "client-batch", "hierarchical")
+STEPS_PER_SILO = 3  # of each hierarchical memory run: one round
 
 
 def run_demo(args: list[str], tmp: Path, name: str) -> dict:
@@ -103,25 +104,40 @@ def modes_throughput(model: str, silo_counts: list[int], steps: int, batch_size:
 
 def hierarchical_memory(model: str, silo_counts: list[int], tmp: Path, inflight: tuple[int, ...] = (1, 2)) -> dict:
     """Peak RSS of the one trunk worker serving N silos, each with its own LoRA trunk adapter, for
-    each bound on the steps a worker keeps open (each open step holds its activations)."""
+    each bound on the steps a worker keeps open (each open step holds its activations).
+
+    Every silo takes STEPS_PER_SILO steps (one round), so N silos make the worker serve N times as
+    many steps. A worker's heap creeps a little with the steps it serves, whoever sends them, so
+    one silo also runs as many steps as the largest run's silos together: the ratio against that
+    run (``vs_one_silo_same_trunk_steps``) is the cost of the silos alone; ``vs_first`` is the
+    plain ratio against the first silo count."""
     model_dir = resolve_model_dir(model)
     out = {"model": model, "adapter": "lora", "batch_size": 1, "max_length": 128, "runs": []}
+    most = max(silo_counts)
     for k in inflight:
-        for n in silo_counts:
-            click.echo(f"[bench modes] hierarchical memory: {model}, {n} silos on one trunk worker, "
+        plan = [(n, STEPS_PER_SILO) for n in silo_counts]
+        if most > 1:
+            plan.append((1, STEPS_PER_SILO * most))
+        for n, steps in plan:
+            click.echo(f"[bench modes] hierarchical memory: {model}, {n} silos x {steps} steps on one trunk worker, "
                        f"max {k} open steps...", err=True)
-            run = run_demo(["--model", model, "--mode", "hierarchical", "--silos", str(n), "--steps", "3",
-                            "--local-steps", "3", "--batch-size", "1", "--max-length", "128",
-                            "--max-inflight", str(k)], tmp, f"mem-{n}-{k}")
-            out["runs"].append({"silos": n, "max_inflight": k, "trunk_peak_rss_mb": run["trunk_peak_rss_mb"]})
-    base = {r["max_inflight"]: r["trunk_peak_rss_mb"] for r in out["runs"] if r["silos"] == silo_counts[0]}
+            run = run_demo(["--model", model, "--mode", "hierarchical", "--silos", str(n), "--steps", str(steps),
+                            "--local-steps", str(steps), "--batch-size", "1", "--max-length", "128",
+                            "--max-inflight", str(k)], tmp, f"mem-{n}-{steps}-{k}")
+            out["runs"].append({"silos": n, "steps_per_silo": steps, "trunk_steps": n * steps, "max_inflight": k,
+                                "trunk_peak_rss_mb": run["trunk_peak_rss_mb"]})
+    first = {r["max_inflight"]: r["trunk_peak_rss_mb"] for r in out["runs"]
+             if r["silos"] == silo_counts[0] and r["steps_per_silo"] == STEPS_PER_SILO}
+    alone = {r["max_inflight"]: r["trunk_peak_rss_mb"] for r in out["runs"]
+             if r["silos"] == 1 and r["trunk_steps"] == most * STEPS_PER_SILO}
     for r in out["runs"]:
-        r["vs_first"] = round(r["trunk_peak_rss_mb"] / base[r["max_inflight"]], 3)
-    base = base[inflight[0]]
+        r["vs_first"] = round(r["trunk_peak_rss_mb"] / first[r["max_inflight"]], 3)
+        if r["silos"] == most and most > 1:
+            r["vs_one_silo_same_trunk_steps"] = round(r["trunk_peak_rss_mb"] / alone[r["max_inflight"]], 3)
+    base = first[inflight[0]]
     trunk_params = sum(t.numel() * t.element_size() for t in _trunk_tensors(model_dir))
     out["trunk_weights_mb"] = round(trunk_params / 2**20, 1)
-    out["copy_per_silo_estimate_mb"] = {r["silos"]: round(base + (r["silos"] - 1) * trunk_params / 2**20, 1)
-                                        for r in out["runs"]}
+    out["copy_per_silo_estimate_mb"] = {n: round(base + (n - 1) * trunk_params / 2**20, 1) for n in silo_counts}
     return out
 
 
