@@ -155,6 +155,45 @@ def test_a_silos_adapter_and_moments_are_one_buffer_and_train_like_plain_adamw(m
                for p, q in zip(adapters.params["a"], plain))
 
 
+def test_hierarchical_checkpoint_restores_every_silos_buffer_and_steps(model_dir, tmp_path):
+    """A round checkpoint holds each silo's flat buffer and step vector; loading it into a fresh
+    worker's adapters gives the same numbers in the same layout (views of one buffer again), and a
+    further step from the restored state equals one from the original. A checkpoint without the
+    hierarchical state is refused with a clear error."""
+    from trunk_worker.checkpointing import load_trunk, save_trunk
+
+    trunk, _ = _trunk(model_dir)
+    adapters = SiloAdapters(trunk, lr=1e-2, weight_decay=0.01)
+    m = _member("a", 1, 5, [5], 3)
+
+    def step(ad, silo):
+        opt = ad.activate(silo)
+        trunk(m.tensors[0], m.tensors[1].long(), m.tensors[2].long()).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for silo in ("a", "b", "a"):
+        step(adapters, silo)
+    save_trunk(tmp_path, 0, [], None, adapters, updates=3)
+    expected = {s: adapters.buffers[s].clone() for s in ("a", "b")}
+    step(adapters, "a")
+    after_one_more = adapters.buffers["a"].clone()
+
+    restored = SiloAdapters(trunk, lr=1e-2, weight_decay=0.01)
+    assert load_trunk(tmp_path, 0, [], None, restored) == 3
+    assert sorted(restored.buffers) == ["a", "b"]
+    assert all(torch.equal(restored.buffers[s], expected[s]) for s in expected)
+    assert restored.steps["a"].eq(2).all() and restored.steps["b"].eq(1).all()
+    storage = restored.buffers["a"].untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == storage for p in restored.params["a"])
+    step(restored, "a")
+    assert torch.equal(restored.buffers["a"], after_one_more)
+
+    save_trunk(tmp_path / "serial", 0, list(restored.params["a"]), None, None, updates=1)
+    with pytest.raises(ValueError, match="no hierarchical trunk state"):
+        load_trunk(tmp_path / "serial", 0, [], None, SiloAdapters(trunk, 1e-2, 0.01))
+
+
 def test_hierarchical_refuses_a_frozen_trunk(model_dir):
     trunk = build_part(model_dir, "trunk", 1, 1)
     trunk.requires_grad_(False)
