@@ -97,7 +97,8 @@ class TrunkSettings(CryptoSettings):
     mode: Mode = Field("serial", description="training mode (hierarchical: one trunk adapter per silo)")
     straggler_timeout_s: float = Field(60.0, gt=0, description="client-batch: longest wait for a batch's "
                                        "gradients; missing slices count as zero")
-    save_dir: Path | None = Field(None, description="on exit, write the trunk's trainable tensors here (trunk.safetensors)")
+    save_dir: Path | None = Field(None, description="on exit, write the trunk's trainable tensors here (trunk.safetensors; "
+                                  "hierarchical: also trunk-<silo>.safetensors per silo)")
 
 
 class SiloSettings(CryptoSettings):

@@ -101,3 +101,26 @@ def test_cut_defense_is_applied_on_the_wire(tmp_path, redis_prefix):
                    "--cut-clip-norm", "5.0", "--cut-noise-sigma", "0.5")
     assert len(result["losses"]) == 4 and all(v == v for v in result["losses"])  # no NaN
     assert result["max_abs_loss_diff"] > 1e-3
+
+
+@pytest.mark.parametrize("personalize", [False, True])
+def test_hierarchical_writes_each_silos_trunk_adapter_and_the_average(tmp_path, redis_prefix, personalize):
+    """The demo's weights/: every silo's own trunk adapter (trunk-<silo>.safetensors) and, when the
+    rounds average them, the average (trunk.safetensors), equal to each silo's after the last round.
+    With --personalize there is no average, and the silos' adapters differ."""
+    import torch
+
+    from shared.adapter_files import load_adapter_file
+
+    run_dir = tmp_path / "run"
+    _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "2", "--steps", "4", "--local-steps", "2",
+          "--run-dir", str(run_dir), *(["--personalize"] if personalize else []))
+    weights = run_dir / "weights"
+    own = {s: load_adapter_file(weights / f"trunk-{s}.safetensors") for s in ("silo0", "silo1")}
+    assert own["silo0"][1]["role"] == "trunk" and own["silo0"][0].keys() == own["silo1"][0].keys()
+    same = all(torch.equal(own["silo0"][0][k], own["silo1"][0][k]) for k in own["silo0"][0])
+    if personalize:
+        assert not (weights / "trunk.safetensors").exists() and not same
+    else:
+        average, _ = load_adapter_file(weights / "trunk.safetensors")
+        assert same and all(torch.equal(average[k], own["silo0"][0][k]) for k in average)

@@ -30,7 +30,7 @@ def save_trunk(directory: Path, rnd: int, trainable, optimizer, adapters, update
         tensors.update(checkpoint.optimizer_tensors(optimizer))
     else:
         tensors["template"] = adapters.template_flat
-        meta["silos"] = sorted(adapters.params)
+        meta["silos"], meta["averaged"] = sorted(adapters.params), adapters.averaged
         for silo in meta["silos"]:
             tensors.update(_prefixed(f"silo/{silo}/", adapters.state_of(silo)))
     checkpoint.save(directory, rnd, tensors, meta)
@@ -54,6 +54,7 @@ def load_trunk(directory: Path, rnd: int, trainable, optimizer, adapters) -> int
                 raise ValueError(f"{checkpoint.path_for(directory, rnd)} holds no hierarchical trunk state "
                                  "(written in another mode, or by a splitfed before the flat per-silo layout)")
             adapters.template_flat.copy_(tensors["template"])
+            adapters.averaged = bool(meta.get("averaged", False))
             adapters.forget_all()
             for silo in meta.get("silos", []):
                 state = _strip(f"silo/{silo}/", tensors)

@@ -52,6 +52,7 @@ class SiloAdapters:
         self.buffers: dict[str, torch.Tensor] = {}  # silo -> parameters | exp_avg | exp_avg_sq, one buffer
         self.steps: dict[str, torch.Tensor] = {}  # silo -> AdamW's step count of each parameter
         self.active: str | None = None
+        self.averaged = False  # whether the template is a round's average (not just the initial adapter)
 
     @property
     def flat(self) -> dict[str, torch.Tensor]:
@@ -131,6 +132,7 @@ class SiloAdapters:
 
     def set_all(self, average: torch.Tensor) -> None:
         """Every silo's adapter (and the template for newcomers) becomes the round's average."""
+        self.averaged = True
         with torch.no_grad():
             self.template_flat.copy_(average)  # float64 -> the adapter's dtype, rounded once
             for buffer in self.buffers.values():

@@ -137,9 +137,8 @@ class TrunkWorker:
                         self._finish_bundle(bundle)
         finally:
             heartbeat.stop()
-            if s.save_dir is not None:  # the trunk's adapter, for `splitfed eval` / `splitfed export`
-                save_adapter_file(s.save_dir / "trunk.safetensors", adapter_state_dict(self.trunk),
-                                  adapter_metadata(s.adapter_config(), "trunk"))
+            if s.save_dir is not None:
+                self._save_adapters(s.save_dir)
             crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
             self.registry.update("trunk", s.worker_id, updates=self.updates, crypto_s=f"{crypto_s:.6f}",
@@ -148,6 +147,24 @@ class TrunkWorker:
             self.sock.close()
         log.info("trunk worker stopped after %d updates", self.updates)
         return 0
+
+    def _save_adapters(self, directory: Path) -> None:
+        """The trunk's adapter for `splitfed eval` / `splitfed export`: trunk.safetensors. In
+        hierarchical mode that is the last round's average (the adapter new silos start from), and
+        each silo's own goes to trunk-<silo>.safetensors too: they differ under --personalize or
+        --aggregation none, where no average exists and only the per-silo files are written."""
+        meta = adapter_metadata(self.settings.adapter_config(), "trunk")
+        if self.adapters is None:
+            save_adapter_file(directory / "trunk.safetensors", adapter_state_dict(self.trunk), meta)
+            return
+        names = self.adapters.names
+        if self.adapters.averaged:
+            save_adapter_file(directory / "trunk.safetensors", dict(zip(names, self.adapters.template)), meta)
+        for silo, params in sorted(self.adapters.params.items()):
+            save_adapter_file(directory / f"trunk-{silo}.safetensors", dict(zip(names, params)), meta)
+        log.info("wrote the trunk adapters of %d silos%s to %s", len(self.adapters.params),
+                 " and their average" if self.adapters.averaged else " (no round averaged them: no trunk.safetensors)",
+                 directory)
 
     def handle(self, frames: list) -> None:
         try:

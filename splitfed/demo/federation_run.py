@@ -138,7 +138,7 @@ def launch_servers(fed, cfg: DemoConfig, ports: tuple[int, int], keys_env: dict[
                          "--personalize", str(cfg.personalize).lower()], env=keys_env.get("broker"))
     for wid in cfg.worker_ids:
         fed.start(wid, ["trunk", "--broker-backend", back, "--worker-id", wid, "--mode", cfg.mode,
-                        "--checkpoint-dir", str(run_dir / "checkpoints")],
+                        "--checkpoint-dir", str(run_dir / "checkpoints"), "--save-dir", str(run_dir / "weights")],
                   env=keys_env.get("trunk"))
     return front
 

@@ -3,7 +3,7 @@
 Redis (the local one or a private server), a broker, one trunk worker and N silo agents, each a
 `python -m splitfed ROLE` process, sealed end to end with throwaway keys. Each silo trains on its
 own JSONL; at the end every silo writes its head/tail adapter and the trunk its own adapter
-(``SPLITFED_SAVE_DIR``), which the evaluation merges per silo.
+into `weights/` (as every demo does), which the evaluation merges per silo.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ def run_federation(preset: Preset, model: str, silo_paths: list[Path], run_dir: 
     status = "failed"
     try:
         keys_env = make_throwaway_keys(run_dir, cfg, registry)
-        keys_env["trunk"] = {**keys_env.get("trunk", {}), "SPLITFED_SAVE_DIR": str(weights)}  # all workers' env
         launch(fed, cfg, tuple(free_ports(2)), silo_paths, run_dir, keys_env)
         supervise(fed, cfg, registry)
         status = "finished"
