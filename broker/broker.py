@@ -230,7 +230,8 @@ class Broker:
         elif header.kind == Kind.CHECKPOINTED:
             self.rounds.checkpointed(silo, header.round)
         elif header.kind in GENERATION_KINDS:  # split generation: to the worker holding the cache, no turn taken
-            worker = self.generation_routes.pick(header, self.workers)
+            assigned = self.assignment.of.get(silo) if self.assignment is not None else None
+            worker = self.generation_routes.pick(header, self.workers, assigned)
             if worker is None and header.kind == Kind.GENERATE:
                 self._reject("no_generation", "no trunk worker holds a generation for this silo", self.frontend, identity, header)
                 return

@@ -44,10 +44,12 @@ def tiny_dir(tmp_path_factory):
             os.environ["SPLITFED_CACHE_DIR"] = old
 
 
-def test_live_generation_equals_local_split_generation_and_sends_one_position_per_token(redis_prefix, tiny_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["serial", "hierarchical"])  # hierarchical: the silo's own trunk adapter
+def test_live_generation_equals_local_split_generation_and_sends_one_position_per_token(redis_prefix, tiny_dir, tmp_path,
+                                                                                       mode):
     run_id = "genlive"
     registry = Registry(REDIS_URL, redis_prefix, run_id)
-    registry.create_run({"mode": "serial", "silos": "silo0", "local_steps": 2})
+    registry.create_run({"mode": mode, "silos": "silo0", "local_steps": 2})
     front, back = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
     env = role_env(redis_prefix, run_id, tiny_dir.parent.parent)
     trunk_keys = keystore.generate_trunk_keys(tmp_path / "trunk-keys")
@@ -58,9 +60,9 @@ def test_live_generation_equals_local_split_generation_and_sends_one_position_pe
     prompts.write_text("".join(json.dumps({"prompt": p, "completion": " ?"}) + "\n" for p in PROMPTS))
     weights = tmp_path / "weights"
     procs = [
-        _start(["broker", "--frontend-bind", front, "--backend-bind", back], env, tmp_path / "broker.log"),
-        _start(["trunk", "--broker-backend", back, "--keys-dir", str(tmp_path / "trunk-keys"), "--save-dir", str(weights)],
-               env, tmp_path / "trunk.log"),
+        _start(["broker", "--frontend-bind", front, "--backend-bind", back, "--mode", mode], env, tmp_path / "broker.log"),
+        _start(["trunk", "--broker-backend", back, "--keys-dir", str(tmp_path / "trunk-keys"), "--save-dir", str(weights),
+                "--mode", mode], env, tmp_path / "trunk.log"),
     ]
     try:
         silo = _start(["silo", "--broker-frontend", front, "--silo-id", "silo0", "--data", str(data), "--steps", "2",
@@ -82,7 +84,8 @@ def test_live_generation_equals_local_split_generation_and_sends_one_position_pe
 
     # the same texts as local split generation with the adapters both sides trained and saved
     cfg = AdapterConfig(kind="lora")
-    local = load_split_model(tiny_dir, cfg, load_split_adapters(weights / "silo0.safetensors", weights / "trunk.safetensors", cfg))
+    trunk_file = weights / ("trunk-silo0.safetensors" if mode == "hierarchical" else "trunk.safetensors")
+    local = load_split_model(tiny_dir, cfg, load_split_adapters(weights / "silo0.safetensors", trunk_file, cfg))
     tokenizer = load_tokenizer(tiny_dir)
     expected = generate_texts(tokenizer, local.head, local.tail, lambda: LocalTrunk(local.trunk), PROMPTS,
                               Sampling(max_new_tokens=MAX_NEW), batch_size=3, max_prompt_tokens=32)

@@ -194,6 +194,35 @@ def test_hierarchical_checkpoint_restores_every_silos_buffer_and_steps(model_dir
         load_trunk(tmp_path / "serial", 0, [], None, SiloAdapters(trunk, 1e-2, 0.01))
 
 
+def test_generation_uses_the_silos_own_trunk_adapter_or_the_template(model_dir):
+    """Whatever silo trained last, a silo generates through its own adapter; a silo that does not
+    train on this worker generates through the template, and no state is created for it."""
+    trunk, _ = _trunk(model_dir)
+    adapters = SiloAdapters(trunk, lr=5e-2, weight_decay=0.0)
+    m = _member("a", 1, 5, [5], 7)
+
+    def out():
+        with torch.no_grad():
+            return trunk(m.tensors[0], m.tensors[1].long(), m.tensors[2].long())
+
+    template_out = out()
+    for silo in ("a", "b", "b"):  # a and b end up with different adapters; b is the one installed
+        opt = adapters.activate(silo)
+        trunk(m.tensors[0], m.tensors[1].long(), m.tensors[2].long()).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    b_out = out()
+    adapters.activate_for_generation("a")
+    a_out = out()
+    assert not torch.equal(a_out, b_out)
+    adapters.activate("a")
+    assert torch.equal(out(), a_out)  # what a's own adapter gives
+    adapters.activate_for_generation("stranger")
+    assert torch.equal(out(), template_out) and "stranger" not in adapters.params
+    adapters.activate_for_generation("b")
+    assert torch.equal(out(), b_out)
+
+
 def test_hierarchical_refuses_a_frozen_trunk(model_dir):
     trunk = build_part(model_dir, "trunk", 1, 1)
     trunk.requires_grad_(False)

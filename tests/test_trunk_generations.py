@@ -62,3 +62,14 @@ def test_broker_routes_a_generation_to_one_worker_until_its_end():
     assert routes.pick(header(Kind.GENERATE_END, 2), workers) == "worker-0"
     assert routes.pick(header(Kind.GENERATE_END, 2), workers) is None
     assert routes.pick(header(Kind.GENERATE, 0), {}) is None
+
+
+def test_a_hierarchical_silos_generation_goes_to_the_worker_holding_its_adapter():
+    routes = GenerationRoutes()
+    workers = {"w1": "worker-1", "w0": "worker-0"}
+    header = lambda kind, step: Header(kind, "run", "silo0", 0, step)  # noqa: E731
+    assert routes.pick(header(Kind.GENERATE, 0), workers, assigned="w1") == "worker-1"
+    assert routes.pick(header(Kind.GENERATE, 1), workers, assigned="w0") == "worker-1"  # follows its cache
+    assert routes.pick(header(Kind.GENERATE_END, 2), workers) == "worker-1"
+    assert routes.pick(header(Kind.GENERATE, 0), workers, assigned="gone") == "worker-0"  # a dead assignment
+

@@ -26,6 +26,7 @@ from shared.optim import make_optimizer
 
 log = logging.getLogger("trunk")
 
+TEMPLATE = "\0template"  # the key of the installed template (no silo id can hold a NUL)
 SUM_CHUNK = 1 << 16  # elements widened to float64 at a time by weighted_sum (512 KiB of scratch)
 
 
@@ -68,11 +69,23 @@ class SiloAdapters:
         if silo not in self.params:
             self._create(silo)
             log.info("trunk adapter for %s created (%d silos on this worker)", silo, len(self.params))
-        if self.active != silo:
-            for (owner, attr, _), p in zip(self.slots, self.params[silo]):
-                owner._parameters[attr] = p
-            self.active = silo
+        self._install(silo, self.params[silo])
         return self.optimizers[silo]
+
+    def activate_for_generation(self, silo: str) -> None:
+        """Put the adapter ``silo`` generates with into the trunk: its own when it trains on this
+        worker, else the template (the last round's average, what it would start from here).
+        Generation trains nothing, so no adapter or optimizer state is created for it."""
+        if silo in self.params:
+            self._install(silo, self.params[silo])
+        else:
+            self._install(TEMPLATE, [nn.Parameter(t, requires_grad=False) for t in self.template])
+
+    def _install(self, key: str, params: list[nn.Parameter]) -> None:
+        if self.active != key:
+            for (owner, attr, _), p in zip(self.slots, params):
+                owner._parameters[attr] = p
+            self.active = key
 
     def _create(self, silo: str) -> None:
         n = self.numel

@@ -197,6 +197,8 @@ class TrunkWorker:
             elif msg.kind == Kind.HEARTBEAT:
                 pass
             elif msg.kind in GENERATION_KINDS:  # split generation (trunk_worker/generation.py)
+                if self.adapters is not None and msg.kind == Kind.GENERATE:
+                    self.adapters.activate_for_generation(msg.silo_id)  # its own trunk adapter, not the last one used
                 if (reply := self.generations.handle(msg)) is not None:
                     self._send(reply)
             else:
