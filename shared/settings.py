@@ -94,6 +94,9 @@ class TrunkSettings(CryptoSettings):
     worker_id: Identifier = Field("trunk0", description="this worker's id")
     device: str = Field("cpu", description="torch device of the trunk ('cpu', 'cuda', 'cuda:1')")
     max_pending: int = Field(64, ge=1, description="forward graphs kept while waiting for their backward")
+    recompute_forward: bool = Field(False, description="keep only each step's input and run its forward again at "
+                                    "its BACKWARD (activation checkpointing): one step's activations at a time "
+                                    "however many steps are open, for one more forward per step")
     mode: Mode = Field("serial", description="training mode (hierarchical: one trunk adapter per silo)")
     straggler_timeout_s: float = Field(60.0, gt=0, description="client-batch: longest wait for a batch's "
                                        "gradients; missing slices count as zero")

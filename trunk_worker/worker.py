@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import zmq
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from shared import checkpoint
 from shared import keys as keystore
@@ -77,6 +78,7 @@ class TrunkWorker:
         self.generations = TrunkGenerations(self.trunk, self.device, self.wire_dtype)
         self.pending = PendingGraphs(settings.max_pending)
         self.updates = 0
+        self.recomputed_steps = 0  # forwards kept as inputs only (--recompute-forward)
         # Each silo's last applied step and its result, for a retried BACKWARD: a silo sends step n+1
         # only after step n's result, so the last one is the only one that can come again.
         self.applied: dict[str, tuple[int, Message]] = {}
@@ -141,7 +143,8 @@ class TrunkWorker:
                 self._save_adapters(s.save_dir)
             crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-            self.registry.update("trunk", s.worker_id, updates=self.updates, crypto_s=f"{crypto_s:.6f}",
+            self.registry.update("trunk", s.worker_id, updates=self.updates, recomputed_steps=self.recomputed_steps,
+                                 crypto_s=f"{crypto_s:.6f}",
                                  peak_rss_mb=f"{peak_mb:.1f}", timeline=self.timeline.to_json())
             self.registry.leave("trunk", s.worker_id, status="stopped")
             self.sock.close()
@@ -246,8 +249,16 @@ class TrunkWorker:
         if self.adapters is not None:
             self.adapters.activate(msg.silo_id)  # this silo's own trunk adapter over the shared base
         h1 = hidden.to(self.device, self.compute_dtype).requires_grad_(True)
+        inputs = (h1, mask.to(self.device, torch.long), positions.to(self.device, torch.long))
         with torch.enable_grad():
-            h2 = self.trunk(h1, mask.to(self.device, torch.long), positions.to(self.device, torch.long))
+            if self.settings.recompute_forward:
+                # Keep only the inputs; the forward runs again inside this step's backward (torch's
+                # activation checkpointing; the same kernels give the same h2, bit for bit). Backwards
+                # run one at a time, so one step's activations exist at a time, however many are open.
+                h2 = torch_checkpoint(self.trunk, *inputs, use_reentrant=False)
+                self.recomputed_steps += 1
+            else:
+                h2 = self.trunk(*inputs)
         self._remember((msg.silo_id, msg.step), h1, h2, time.perf_counter() - started)
         return Message(Kind.FORWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
                        tensors=[h2.detach().to(self.wire_dtype)])
@@ -266,6 +277,8 @@ class TrunkWorker:
         if grad.shape != h2.shape:
             raise StepError("schema", f"gradient shape {tuple(grad.shape)} != output {tuple(h2.shape)}")
         _, last = self.pending.pop(key)
+        if self.adapters is not None:  # a recomputed forward runs through the adapter in the slots now
+            self.adapters.activate(msg.silo_id)
         h2.backward(grad.to(self.device, h2.dtype))
         if not last:  # a micro-batch: its gradients accumulate until the step's last one
             return Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,

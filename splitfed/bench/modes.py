@@ -110,25 +110,30 @@ def hierarchical_memory(model: str, silo_counts: list[int], tmp: Path, inflight:
     many steps. A worker's heap creeps a little with the steps it serves, whoever sends them, so
     one silo also runs as many steps as the largest run's silos together: the ratio against that
     run (``vs_one_silo_same_trunk_steps``) is the cost of the silos alone; ``vs_first`` is the
-    plain ratio against the first silo count."""
+    plain ratio against the first silo count. With more than one open step, the largest run once
+    more with --recompute-forward (each open step holds only its input)."""
     model_dir = resolve_model_dir(model)
     out = {"model": model, "adapter": "lora", "batch_size": 1, "max_length": 128, "runs": []}
     most = max(silo_counts)
     for k in inflight:
-        plan = [(n, STEPS_PER_SILO) for n in silo_counts]
+        plan = [(n, STEPS_PER_SILO, False) for n in silo_counts]
         if most > 1:
-            plan.append((1, STEPS_PER_SILO * most))
-        for n, steps in plan:
+            plan.append((1, STEPS_PER_SILO * most, False))
+        if k > 1:  # several open steps, each holding only its input (--recompute-forward)
+            plan.append((most, STEPS_PER_SILO, True))
+        for n, steps, recompute in plan:
             click.echo(f"[bench modes] hierarchical memory: {model}, {n} silos x {steps} steps on one trunk worker, "
-                       f"max {k} open steps...", err=True)
+                       f"max {k} open steps{', forwards recomputed' if recompute else ''}...", err=True)
             run = run_demo(["--model", model, "--mode", "hierarchical", "--silos", str(n), "--steps", str(steps),
                             "--local-steps", str(steps), "--batch-size", "1", "--max-length", "128",
-                            "--max-inflight", str(k)], tmp, f"mem-{n}-{steps}-{k}")
+                            "--max-inflight", str(k), *(["--recompute-forward"] if recompute else [])],
+                           tmp, f"mem-{n}-{steps}-{k}-{int(recompute)}")
             out["runs"].append({"silos": n, "steps_per_silo": steps, "trunk_steps": n * steps, "max_inflight": k,
-                                "trunk_peak_rss_mb": run["trunk_peak_rss_mb"]})
-    first = {r["max_inflight"]: r["trunk_peak_rss_mb"] for r in out["runs"]
+                                "recompute_forward": recompute, "trunk_peak_rss_mb": run["trunk_peak_rss_mb"]})
+    plain = [r for r in out["runs"] if not r["recompute_forward"]]
+    first = {r["max_inflight"]: r["trunk_peak_rss_mb"] for r in plain
              if r["silos"] == silo_counts[0] and r["steps_per_silo"] == STEPS_PER_SILO}
-    alone = {r["max_inflight"]: r["trunk_peak_rss_mb"] for r in out["runs"]
+    alone = {r["max_inflight"]: r["trunk_peak_rss_mb"] for r in plain
              if r["silos"] == 1 and r["trunk_steps"] == most * STEPS_PER_SILO}
     for r in out["runs"]:
         r["vs_first"] = round(r["trunk_peak_rss_mb"] / first[r["max_inflight"]], 3)

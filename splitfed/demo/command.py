@@ -39,6 +39,9 @@ from splitfed.demo.summary import print_summary
               help="trunk worker processes (hierarchical mode spreads the silos over them)")
 @click.option("--max-inflight", type=click.IntRange(1), default=2, show_default=True,
               help="hierarchical: open steps per trunk worker (bounds its activation memory)")
+@click.option("--recompute-forward", is_flag=True,
+              help="trunk keeps only each step's input and runs its forward again at the backward "
+                   "(one step's activations at a time however many are open, for one more forward per step)")
 @click.option("--batch-window-ms", type=click.IntRange(1), default=10000, show_default=True,
               help="client-batch: longest wait for a step's FORWARDs after the first one")
 @click.option("--cut-clip-norm", type=click.FloatRange(min=0, min_open=True), default=None,

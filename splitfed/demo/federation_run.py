@@ -39,6 +39,7 @@ class DemoConfig:
     workers: int = 1
     batch_window_ms: int = 10000
     max_inflight: int = 2
+    recompute_forward: bool = False
     cut_clip_norm: float | None = None
     cut_noise_sigma: float = 0.0
     kills: tuple[str, ...] = ()
@@ -138,7 +139,8 @@ def launch_servers(fed, cfg: DemoConfig, ports: tuple[int, int], keys_env: dict[
                          "--personalize", str(cfg.personalize).lower()], env=keys_env.get("broker"))
     for wid in cfg.worker_ids:
         fed.start(wid, ["trunk", "--broker-backend", back, "--worker-id", wid, "--mode", cfg.mode,
-                        "--checkpoint-dir", str(run_dir / "checkpoints"), "--save-dir", str(run_dir / "weights")],
+                        "--checkpoint-dir", str(run_dir / "checkpoints"), "--save-dir", str(run_dir / "weights"),
+                        "--recompute-forward", str(cfg.recompute_forward).lower()],
                   env=keys_env.get("trunk"))
     return front
 

@@ -76,6 +76,7 @@ def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: flo
         trunk_info = [registry.info("trunk", w) for w in cfg.worker_ids]
         trunk_crypto_s = sum(float(i.get("crypto_s", 0.0)) for i in trunk_info)
         trunk_peak_rss_mb = max((float(i.get("peak_rss_mb", 0.0)) for i in trunk_info), default=0.0)
+        trunk_recomputed = sum(int(i.get("recomputed_steps", 0)) for i in trunk_info)
         rejected = registry.rejected()
         registry.set_run_status(status)
         registry.expire_run(RUN_TTL_S)
@@ -95,6 +96,7 @@ def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: flo
               # serial mode: every seal/open is on the critical path of the steps
               "crypto_share": round((crypto_s + trunk_crypto_s) / max(train_s, 1e-9), 5)}
     result["trunk_peak_rss_mb"] = trunk_peak_rss_mb
+    result["trunk_recomputed_steps"] = trunk_recomputed  # --recompute-forward: forwards run twice
     result["faults"] = [f.as_dict() for f in faults]
     return result, rows
 
