@@ -47,6 +47,8 @@ class SiloAdapters:
         with torch.no_grad():
             for t, (owner, attr, _) in zip(self.template, self.slots):
                 t.copy_(owner._parameters[attr])
+        # What a silo that does not train here generates through (views: they follow set_all).
+        self.template_params = [nn.Parameter(t, requires_grad=False) for t in self.template]
         self.lr, self.weight_decay = lr, weight_decay
         self.params: dict[str, list[nn.Parameter]] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -79,7 +81,7 @@ class SiloAdapters:
         if silo in self.params:
             self._install(silo, self.params[silo])
         else:
-            self._install(TEMPLATE, [nn.Parameter(t, requires_grad=False) for t in self.template])
+            self._install(TEMPLATE, self.template_params)
 
     def _install(self, key: str, params: list[nn.Parameter]) -> None:
         if self.active != key:

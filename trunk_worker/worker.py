@@ -277,8 +277,8 @@ class TrunkWorker:
         if grad.shape != h2.shape:
             raise StepError("schema", f"gradient shape {tuple(grad.shape)} != output {tuple(h2.shape)}")
         _, last = self.pending.pop(key)
-        if self.adapters is not None:  # a recomputed forward runs through the adapter in the slots now
-            self.adapters.activate(msg.silo_id)
+        if self.adapters is not None and self.settings.recompute_forward:
+            self.adapters.activate(msg.silo_id)  # the recomputed forward runs through the adapter in the slots now
         h2.backward(grad.to(self.device, h2.dtype))
         if not last:  # a micro-batch: its gradients accumulate until the step's last one
             return Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
