@@ -28,6 +28,7 @@ from broker.generation_routes import GenerationRoutes
 from broker.rounds import RoundAggregator
 from broker.serial import SerialScheduler
 from broker.trunk_rounds import TrunkRounds
+from shared import failpoints
 from shared import keys as keystore
 from shared.metrics import RoleMetrics
 from shared.protocol import GENERATION_KINDS, Kind
@@ -95,6 +96,7 @@ class Broker:
         self.acked: set[tuple[str, int]] = set()
         self.stats = {"routed": 0, "rejected": 0}
         self._stopping = False
+        self._held_commit: int | None = None  # fail point "uncommitted-hello" (tests only)
 
         self.metrics = RoleMetrics("broker", "broker", settings.metrics_port, settings.metrics_addr)
         self.ctx = zmq.Context.instance()
@@ -302,6 +304,8 @@ class Broker:
             if (silo, header.round) not in self.acked:
                 self.acked.add((silo, header.round))
                 self._route(self.frontend, target, frames)
+                if self._held_commit is not None and header.round == self._held_commit + 1:
+                    failpoints.stop_here("uncommitted-hello")  # the trunk holds a next-round session
             return
         if header.kind in (Kind.FORWARD_RESULT, Kind.BACKWARD_RESULT, Kind.ERROR, Kind.GENERATE_RESULT):
             self._route(self.frontend, target, frames)
@@ -507,6 +511,11 @@ class Broker:
     def _commit_round(self, rnd: int) -> None:
         """Every silo and worker has a checkpoint of round ``rnd``: recovery restarts from here."""
         if rnd <= self.committed_round:
+            return
+        if rnd == 0 and failpoints.armed("uncommitted-hello"):
+            # Test hook: leave round 0 uncommitted until a silo's round-1 session is acknowledged,
+            # then stop there (the recovery test kills the broker in exactly this window).
+            self._held_commit = rnd
             return
         self.committed_round = rnd
         self._redis(f"commit round {rnd}", self.registry.commit_round, rnd)

@@ -148,7 +148,8 @@ MAX_SENDERS = 1024  # receive windows per session (only authenticated senders cr
 # 7th byte, seq the last 8. Checked at import so a header change cannot silently break sealing.
 _FLAGS_OFFSET = 6
 _SEQ_OFFSET = HEADER.size - 8
-assert HEADER.format.endswith("IIQ") and HEADER.format.startswith("<4sBBBB"), "wire header layout changed"
+if not (HEADER.format.endswith("IIQ") and HEADER.format.startswith("<4sBBBB")):  # not an assert: -O drops those
+    raise ImportError("shared.wire's header layout changed: update the seq offset in shared.sealing")
 
 
 class SealError(FrameError):
@@ -190,24 +191,28 @@ class ReplayWindow:
 
 
 class HelloGuard:
-    """Per trunk process: each silo's accepted hellos must be strictly newer (round, timestamp).
+    """Per trunk process: each silo's accepted hellos must carry a strictly newer signed timestamp.
 
     Without it a replayed (validly signed) hello would rebuild a session with an empty replay
-    window, and the old round's frames could be replayed into it. Only verified hellos are recorded,
-    so memory is bounded by the number of enrolled silos.
+    window, and that session's frames could be replayed into it. The order is the silo's own
+    signed clock, not the round: a rollback legitimately sends a hello for an EARLIER round (the
+    run resumes from its last committed round), and that hello is fresh. A recorded hello is never
+    accepted twice, whatever its round. Only verified hellos are recorded, so memory is bounded by
+    the number of enrolled silos. (A silo whose clock steps back is refused until it catches up:
+    the message says so.)
     """
 
     def __init__(self) -> None:
-        self._last: dict[str, tuple[int, int]] = {}
+        self._last: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def admit(self, silo_id: str, round_no: int, timestamp_ns: int) -> None:
         with self._lock:
             last = self._last.get(silo_id)
-            if last is not None and (round_no, timestamp_ns) <= last:
-                raise SealError("stale_hello",
-                                f"{silo_id}: hello (round {round_no}) is not newer than the last accepted")
-            self._last[silo_id] = (round_no, timestamp_ns)
+            if last is not None and timestamp_ns <= last:
+                raise SealError("stale_hello", f"{silo_id}: hello (round {round_no}) signed at {timestamp_ns} is "
+                                f"not newer than the last accepted one ({last}): a replay, or the silo's clock went back")
+            self._last[silo_id] = timestamp_ns
 
 
 # ---------------------------------------------------------------- buffers

@@ -137,7 +137,10 @@ class SiloAgent:
     def _handshake(self, rnd: int, step: int) -> None:
         """A fresh session key each round: a leaked key exposes one round at most."""
         s = self.settings
-        hello, pending = make_hello(self.keys, s.silo_id, s.run_id, rnd, cipher=s.cipher,
+        # The trunk accepts only hellos signed later than the last one it accepted: keep this
+        # process's timestamps strictly increasing even if the wall clock steps back.
+        self._hello_ns = max(time.time_ns(), getattr(self, "_hello_ns", 0) + 1)
+        hello, pending = make_hello(self.keys, s.silo_id, s.run_id, rnd, cipher=s.cipher, now_ns=self._hello_ns,
                                     max_tensor_bytes=s.max_tensor_bytes)
         self._send(Message(Kind.HELLO, s.run_id, s.silo_id, rnd, step,
                            tensors=[torch.frombuffer(bytearray(hello), dtype=torch.uint8)]))

@@ -319,6 +319,24 @@ def test_replayed_hello_is_refused_by_the_guard(trunk, silo_a, allow):
         assert err.value.reason == "stale_hello"
 
 
+def test_a_rollback_hello_for_an_earlier_round_is_fresh_but_recorded_ones_stay_refused(trunk, silo_a, allow):
+    """A broker restart rolls the run back to its last committed round: a silo that already
+    handshook round 1 sends a NEW hello for round 0. It is accepted (it is signed later); the
+    recorded round-1 and round-0 hellos are still refused (issue 14, item 1)."""
+    guard = HelloGuard()
+    t = time.time_ns()
+    recorded0, _ = make_hello(silo_a.keys, silo_a.silo_id, RUN, 0, now_ns=t)
+    recorded1, _ = make_hello(silo_a.keys, silo_a.silo_id, RUN, 1, now_ns=t + 1)
+    rollback0, _ = make_hello(silo_a.keys, silo_a.silo_id, RUN, 0, now_ns=t + 2)
+    accept_hello(recorded0, trunk, allow, RUN, guard=guard)
+    accept_hello(recorded1, trunk, allow, RUN, guard=guard)
+    assert accept_hello(rollback0, trunk, allow, RUN, guard=guard).round == 0
+    for old in (recorded1, recorded0, rollback0):
+        with pytest.raises(SealError) as err:
+            accept_hello(old, trunk, allow, RUN, guard=guard)
+        assert err.value.reason == "stale_hello"
+
+
 # ---------------------------------------------------------------- pinning and key confirmation
 
 

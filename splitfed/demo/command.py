@@ -48,9 +48,10 @@ from splitfed.demo.summary import print_summary
               help="privacy defense: clip each cut activation token to this L2 norm on the silo")
 @click.option("--cut-noise-sigma", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="privacy defense: Gaussian noise std on the (clipped) cut activations")
-@click.option("--kill", "kills", multiple=True, metavar="ROLE@STEP",
+@click.option("--kill", "kills", multiple=True, metavar="ROLE@STEP|ROLE@POINT",
               help="fault injection: SIGKILL ROLE (broker, trunk, siloN, redis) when the run reaches STEP, "
-                   "then restart it as a supervisor would (repeatable)")
+                   "or at a named fail point (broker@uncommitted-hello: between the first round's aggregation "
+                   "and its commit), then restart it as a supervisor would (repeatable)")
 @click.option("--check-centralized", is_flag=True, help="also train in one process without network and compare losses")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the run's results here")
 @click.option("--key-prefix", default="splitfed", show_default=True, envvar="SPLITFED_KEY_PREFIX",

@@ -1,5 +1,7 @@
 """Fault injection for the demo: `--kill ROLE@STEP` SIGKILLs a role when the run reaches STEP and
-starts it again the way a supervisor (systemd's Restart=on-failure) would.
+starts it again the way a supervisor (systemd's Restart=on-failure) would. `--kill ROLE@POINT`
+(POINT a name from ``shared.failpoints.POINTS``) starts ROLE with that fail point armed: the role
+stops itself at exactly that place in its code, and is killed and restarted there.
 
 ROLE is broker, trunk (= trunk0) or trunkN, silo0..siloN, or redis (the demo then runs a private
 Redis with an fsynced append-only file, so the restarted server has everything it acknowledged).
@@ -17,13 +19,16 @@ from pathlib import Path
 
 import click
 
+from shared import failpoints
+
 _STEP_LINE = re.compile(rb"round \d+ step (\d+) loss")
 
 
 @dataclass
 class Fault:
     role: str  # a Federation role name, or "redis"
-    at_step: int
+    at_step: int  # -1 for a fail point
+    point: str | None = None  # a fail point name (shared.failpoints)
     killed_at: float | None = None
     killed_step: int | None = None
     recovered_at: float | None = None
@@ -31,6 +36,8 @@ class Fault:
 
     def as_dict(self) -> dict:
         out = {"role": self.role, "at_step": self.at_step, "killed_step": self.killed_step}
+        if self.point is not None:
+            out["point"] = self.point
         if self.killed_at is not None and self.recovered_at is not None:
             out["recovery_s"] = round(self.recovered_at - self.killed_at, 3)
         return out
@@ -41,11 +48,33 @@ def parse_kills(specs: tuple[str, ...], silo_ids: list[str], worker_ids: list[st
     faults = []
     for spec in specs:
         role, _, step = spec.partition("@")
-        if role not in roles or not step.isdigit():
-            raise click.BadParameter(f"{spec!r}: expected ROLE@STEP with ROLE one of {', '.join(sorted(roles))}",
+        if role not in roles or not (step.isdigit() or step in failpoints.POINTS):
+            raise click.BadParameter(f"{spec!r}: expected ROLE@STEP or ROLE@POINT with ROLE one of "
+                                     f"{', '.join(sorted(roles))} and POINT one of {', '.join(failpoints.POINTS)}",
                                      param_hint="--kill")
-        faults.append(Fault("trunk0" if role == "trunk" else role, int(step)))
+        role = "trunk0" if role == "trunk" else role
+        if step.isdigit():
+            faults.append(Fault(role, int(step)))
+            continue
+        point_role, where = failpoints.POINTS[step]
+        if role != point_role:
+            raise click.BadParameter(f"{spec!r}: fail point {step} is in the {point_role} ({where})", param_hint="--kill")
+        faults.append(Fault(role, -1, point=step))
     return sorted(faults, key=lambda f: f.at_step)
+
+
+def armed_env(faults: list[Fault]) -> dict[str, dict[str, str]]:
+    """Each role's extra environment arming its fail point (for its first start only)."""
+    return {f.role: {failpoints.ENV: f.point} for f in faults if f.point is not None}
+
+
+def stopped(pid: int) -> bool:
+    """The process sits stopped (SIGSTOP: it reached its fail point)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"T"
+    except (OSError, IndexError):
+        return False
 
 
 def latest_step(log_path: Path) -> int:
@@ -67,7 +96,10 @@ class FaultInjector:
     def poll(self) -> None:
         steps = [latest_step(self.fed.roles[s].log_path) for s in self.silo_ids]
         for fault in self.faults:
-            if fault.killed_at is None and max(steps) >= fault.at_step:
+            if fault.killed_at is None and fault.point is not None:
+                if stopped(self.fed.roles[fault.role].proc.pid):
+                    self._strike(fault, max(steps))
+            elif fault.killed_at is None and max(steps) >= fault.at_step:
                 self._strike(fault, max(steps))
             elif fault.killed_at is not None and fault.recovered_at is None and min(steps) > fault.killed_step:
                 fault.recovered_at = time.monotonic()
@@ -75,7 +107,8 @@ class FaultInjector:
                            f"{fault.recovered_at - fault.killed_at:.1f}s", err=True)
 
     def _strike(self, fault: Fault, step: int) -> None:
-        click.echo(f"fault injection: SIGKILL {fault.role} at step {step}, then restart it", err=True)
+        where = f"fail point {fault.point}" if fault.point is not None else "step"
+        click.echo(f"fault injection: SIGKILL {fault.role} at {where} (step {step}), then restart it", err=True)
         fault.killed_at, fault.killed_step = time.monotonic(), step
         if fault.role == "redis":
             self.redis.kill()
@@ -83,6 +116,9 @@ class FaultInjector:
             self.redis.restart()
         else:
             self.fed.kill(fault.role)
+            if fault.point is not None:  # started again disarmed, as a supervisor would start it
+                role = self.fed.roles[fault.role]
+                role.env = {k: v for k, v in (role.env or {}).items() if k != failpoints.ENV}
             self.fed.restart(fault.role)
 
     def restarted(self) -> set[str]:

@@ -11,7 +11,7 @@ import click
 from redis import RedisError
 
 from shared.registry import Registry
-from splitfed.demo.faults import FaultInjector, parse_kills
+from splitfed.demo.faults import FaultInjector, armed_env, parse_kills
 from splitfed.demo.federation_run import (
     RUN_TTL_S,
     DemoConfig,
@@ -59,7 +59,7 @@ def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: flo
     try:
         data = write_silo_data(run_dir, cfg)
         keys_env = make_throwaway_keys(run_dir, cfg, registry)
-        for role, extra in make_curve_certificates(run_dir, cfg).items():
+        for role, extra in [*make_curve_certificates(run_dir, cfg).items(), *armed_env(faults).items()]:
             keys_env[role] = {**keys_env.get(role, {}), **extra}
         launch(fed, cfg, tuple(free_ports(2)), data, run_dir, keys_env)
         supervise(fed, cfg, registry, FaultInjector(faults, fed, private_redis, cfg.silo_ids))
