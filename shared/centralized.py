@@ -8,13 +8,18 @@
 * client-batch -- shared/centralized_batch.py (the trunk batch is the silos' concatenation).
 
 With aggregation on, at every round's end the silos' head/tail trainables are replaced by their
-FedAvg (weighted by sample counts), and in hierarchical mode the trunk adapters too unless
-``personalize``: what secure aggregation computes, here in plain float64.
+FedAvg (weighted by sample counts): what secure aggregation computes, here in plain float64. In
+hierarchical mode the trunk adapters are averaged at every round's end unless ``personalize``,
+whatever ``aggregation`` says (it is about head/tail only), as the trunk workers do.
+
+Each reference returns its losses and its final weights, keyed like the files a run writes to its
+weights directory, so `splitfed demo --check-centralized` compares both.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +33,22 @@ from shared.reference import UnsplitModel
 from shared.secure_agg import flatten, plain_fedavg, unflatten_into
 from shared.settings import ModelSettings
 from shared.tokenizer import load_tokenizer
+
+
+@dataclass
+class ReferenceRun:
+    """A reference training's result. ``history``: one {"silo_index", "step", "loss"} per silo step.
+    ``weights``: the trainable tensors after the last optimizer step and the last round's averaging,
+    by file stem of a run's weights directory: ``<silo>`` (its head and tail), ``trunk`` (the shared
+    trunk adapter; in hierarchical mode the last average) and, hierarchical, ``trunk-<silo>``."""
+
+    history: list[dict]
+    weights: dict[str, dict[str, torch.Tensor]]
+
+
+def silo_ids(run, n: int) -> list[str]:
+    """The run's silo ids (a DemoConfig has them), else the demo's own naming."""
+    return list(getattr(run, "silo_ids", None) or [f"silo{i}" for i in range(n)])
 
 
 def reference_settings(model_dir: Path, run) -> ModelSettings:
@@ -73,7 +94,7 @@ def _step(opts) -> None:
             o.zero_grad(set_to_none=True)
 
 
-def centralized_reference(model_dir: Path, run, data_paths: list[Path]) -> list[dict]:
+def centralized_run(model_dir: Path, run, data_paths: list[Path]) -> ReferenceRun:
     """Train like a run of ``run.mode`` configured by ``run`` (a DemoConfig-like object)."""
     hf_logging.disable_progress_bar()  # the demo prints its own progress
     mode = getattr(run, "mode", "serial")
@@ -84,6 +105,8 @@ def centralized_reference(model_dir: Path, run, data_paths: list[Path]) -> list[
     settings = reference_settings(model_dir, run)
     datasets = load_datasets(model_dir, run, data_paths)
     hierarchical = mode == "hierarchical"
+    average_silos = getattr(run, "aggregation", "fedavg") == "fedavg" and len(data_paths) > 1
+    average_trunk = hierarchical and not getattr(run, "personalize", False)
     models = build_silo_models(model_dir, settings, len(data_paths), share_trunk=not hierarchical)
     groups = [m.trainable_groups() for m in models]
     silo_params = [list(dict.fromkeys(g["head"] + g["tail"])) for g in groups]  # tied weights once
@@ -101,11 +124,30 @@ def centralized_reference(model_dir: Path, run, data_paths: list[Path]) -> list[
             loss.backward()
             _step([trunk_opts[i], silo_opts[i]])
             history.append({"silo_index": i, "step": step, "loss": float(loss.detach())})
-        if getattr(run, "aggregation", "fedavg") == "fedavg" and len(models) > 1 and round_ends(step, run):
-            fedavg_(silo_params, weights)
-            if hierarchical and not getattr(run, "personalize", False):
+        if (average_silos or average_trunk) and round_ends(step, run):
+            if average_silos:
+                fedavg_(silo_params, weights)
+            if average_trunk:  # one silo: its own average, but the trunk still writes it as the average
                 fedavg_([g["trunk"] for g in groups], weights)
-    return history
+    return ReferenceRun(history, _final_weights(models, silo_ids(run, len(models)), hierarchical, average_trunk))
+
+
+def _final_weights(models: list[UnsplitModel], ids: list[str], hierarchical: bool, averaged: bool
+                   ) -> dict[str, dict[str, torch.Tensor]]:
+    states = [m.part_states() for m in models]
+    weights = {sid: {**s["head"], **s["tail"]} for sid, s in zip(ids, states)}
+    if not hierarchical:
+        weights["trunk"] = states[0]["trunk"]  # one trunk shared by every silo
+        return weights
+    weights.update({f"trunk-{sid}": s["trunk"] for sid, s in zip(ids, states)})
+    if averaged:  # the last step ends a round: every silo holds that round's average
+        weights["trunk"] = states[0]["trunk"]
+    return weights
+
+
+def centralized_reference(model_dir: Path, run, data_paths: list[Path]) -> list[dict]:
+    """The losses only (callers that predate the weights check)."""
+    return centralized_run(model_dir, run, data_paths).history
 
 
 centralized_serial = centralized_reference  # the name the serial-only code used

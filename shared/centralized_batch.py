@@ -4,21 +4,28 @@ Built from the same parts and the same batching code as the split run (shared/ba
 silo's head runs on its own batch, the outputs are padded and concatenated, the trunk runs once,
 each silo's tail and loss run on its slice, and one trunk backward takes the slices' gradients.
 The trunk's gradient is the mean over the silos, as on the trunk worker.
+
+tests/test_client_batch_plain.py checks this against a plain unsplit model at batch M*b, written
+without any of this code.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shared.adapters import apply_adapter, unique_parameters
+from shared.adapters import adapter_state_dict, apply_adapter, unique_parameters
 from shared.batching import concat_padded, scatter_grads, take
 from shared.loss import causal_lm_loss
 from shared.model_split import build_part, build_silo_parts, positions_from_mask
 from shared.optim import make_optimizer
 
+if TYPE_CHECKING:  # shared.centralized imports this module
+    from shared.centralized import ReferenceRun
 
-def centralized_client_batch(model_dir: Path, run, data_paths: list[Path]) -> list[dict]:
-    from shared.centralized import _step, fedavg_, load_datasets, reference_settings, round_ends
+
+def centralized_client_batch(model_dir: Path, run, data_paths: list[Path]) -> ReferenceRun:
+    from shared.centralized import ReferenceRun, _step, fedavg_, load_datasets, reference_settings, round_ends, silo_ids
 
     settings = reference_settings(model_dir, run)
     cfg = settings.adapter_config()
@@ -59,4 +66,6 @@ def centralized_client_batch(model_dir: Path, run, data_paths: list[Path]) -> li
         history += [{"silo_index": i, "step": step, "loss": v} for i, v in enumerate(losses)]
         if getattr(run, "aggregation", "fedavg") == "fedavg" and len(datasets) > 1 and round_ends(step, run):
             fedavg_(silo_params, weights)
-    return history
+    final = {sid: {**adapter_state_dict(head), **adapter_state_dict(tail)}  # as the silo writes its file
+             for sid, (head, tail) in zip(silo_ids(run, len(parts)), parts)}
+    return ReferenceRun(history, {**final, "trunk": adapter_state_dict(trunk)})

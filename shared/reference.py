@@ -65,14 +65,23 @@ class UnsplitModel:
     def named_trainable(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def part_of(self, name: str) -> str:
+        """The split part ("head", "trunk" or "tail") that holds parameter ``name`` (same SplitPlan)."""
+        owner = self.facts.owner_of(name)
+        return self.plan.part_of(owner) if isinstance(owner, int) else {"embed": "head", "top": "tail"}[owner]
+
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by the part that holds them in the split (same SplitPlan)."""
+        """Trainable parameters by the part that holds them in the split."""
         groups: dict[str, list[nn.Parameter]] = {"head": [], "trunk": [], "tail": []}
         for name, p in self.named_trainable().items():
-            owner = self.facts.owner_of(name)
-            if isinstance(owner, int):
-                part = self.plan.part_of(owner)
-            else:
-                part = {"embed": "head", "top": "tail"}[owner]
-            groups[part].append(p)
+            groups[self.part_of(name)].append(p)
         return groups
+
+    def part_states(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Copies of the trainable tensors by part, under every name: a tied embedding is listed as
+        the head's embedding AND the tail's LM head, as the parts' own state dicts (and files) list it."""
+        states: dict[str, dict[str, torch.Tensor]] = {"head": {}, "trunk": {}, "tail": {}}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            if p.requires_grad:
+                states[self.part_of(name)][name] = p.detach().clone()
+        return states

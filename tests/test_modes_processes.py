@@ -1,5 +1,6 @@
 """The parallel modes across real processes (Redis, broker, trunk workers, silos) against their
-single-process references, through `splitfed demo` exactly as a user runs it."""
+single-process references, through `splitfed demo` exactly as a user runs it: the losses of every
+step and the final weights (every silo's head/tail, the trunk adapters)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ def _demo(tmp_path, redis_prefix, *args: str) -> dict:
 def test_client_batch_matches_its_reference(tmp_path, redis_prefix):
     result = _demo(tmp_path, redis_prefix, "--mode", "client-batch", "--silos", "4", "--steps", "10",
                    "--local-steps", "5")
-    assert len(result["losses"]) == 40
+    assert len(result["losses"]) == len(result["centralized_losses"]) == 40
     assert result["max_abs_loss_diff"] <= 1e-5
+    # the demo itself fails when a file or tensor is only on one side: 4 silos' head/tail, the trunk
+    assert result["max_abs_weight_diff"] <= 1e-5 and result["weight_tensors_compared"] > 0
     # one trunk update per step, shared by all four silos
     assert sorted({s for s, _ in result["schedule"]}) == ["silo0", "silo1", "silo2", "silo3"]
 
@@ -37,8 +40,19 @@ def test_client_batch_matches_its_reference(tmp_path, redis_prefix):
 def test_hierarchical_matches_its_fedavg_reference(tmp_path, redis_prefix, workers):
     result = _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "4", "--workers", workers,
                    "--steps", "6", "--local-steps", "3")
-    assert len(result["losses"]) == 24
+    assert len(result["losses"]) == len(result["centralized_losses"]) == 24
     assert result["max_abs_loss_diff"] <= 1e-5
+    # 4 silos' head/tail, 4 silos' trunk adapters and their average
+    assert result["max_abs_weight_diff"] <= 1e-5 and result["weight_tensors_compared"] > 0
+
+
+def test_hierarchical_without_fedavg_still_averages_the_trunk_adapters(tmp_path, redis_prefix):
+    """--aggregation none keeps each silo's own head/tail; the trunk workers still average the trunk
+    adapters at every round's end (only --personalize keeps them apart), and so does the reference."""
+    result = _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "2", "--steps", "4",
+                   "--local-steps", "2", "--aggregation", "none")
+    assert len(result["losses"]) == len(result["centralized_losses"]) == 8
+    assert result["max_abs_loss_diff"] <= 1e-5 and result["max_abs_weight_diff"] <= 1e-5
 
 
 def test_hierarchical_recomputed_forwards_give_the_same_losses(tmp_path, redis_prefix):
@@ -52,7 +66,7 @@ def test_hierarchical_recomputed_forwards_give_the_same_losses(tmp_path, redis_p
     assert recomputed["trunk_recomputed_steps"] == 24 and kept["trunk_recomputed_steps"] == 0
     by_step = lambda r: {tuple(k): loss for k, loss in zip(r["schedule"], r["losses"])}  # noqa: E731
     assert len(by_step(recomputed)) == 24 and by_step(recomputed) == by_step(kept)
-    assert recomputed["max_abs_loss_diff"] <= 1e-5
+    assert recomputed["max_abs_loss_diff"] <= 1e-5 and recomputed["max_abs_weight_diff"] <= 1e-5
 
 
 def test_a_dead_trunk_worker_hands_its_silos_to_another(tmp_path, redis_prefix):

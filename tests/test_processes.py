@@ -1,7 +1,7 @@
 """Integration: the roles as real OS processes over real ZeroMQ TCP sockets and real Redis.
 
 * the golden test: `splitfed demo` (broker, trunk worker and silos as processes) reproduces the
-  centralized single-process training step by step;
+  centralized single-process training step by step, and ends with its final weights;
 * a live broker and trunk worker shrug off malformed, unknown-silo and spoofed frames while an
   honest silo trains to exactly the reference losses.
 """
@@ -62,8 +62,10 @@ def _golden(redis_prefix, tiny_dir, tmp_path, adapter: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(out.read_text())
-    assert result["max_abs_loss_diff"] <= 1e-5
     assert len(result["losses"]) == len(result["centralized_losses"]) == 12
+    assert result["max_abs_loss_diff"] <= 1e-5
+    # every silo's head/tail and the trunk adapter after the last step and the last round's FedAvg
+    assert result["max_abs_weight_diff"] <= 1e-5 and result["weight_tensors_compared"] > 0
     # serial: silos take turns one step each, and every (silo, step) is applied exactly once
     assert result["schedule"] == [[f"silo{i}", s] for s in range(6) for i in range(2)]
     registry = Registry(REDIS_URL, redis_prefix, result["run_id"])
@@ -162,6 +164,7 @@ def test_live_roles_survive_bad_frames_and_honest_silo_is_unaffected(redis_prefi
             seed, adapter, lr, head_layers, tail_layers, batch_size, max_length, steps = 0, "lora", 1e-3, 1, 1, 2, 32, 4
 
         ref = [r["loss"] for r in centralized_serial(tiny_dir, Run, [data])]
+        assert len(losses) == len(ref) == 4
         assert max(abs(a - b) for a, b in zip(losses, ref)) <= 1e-5
 
         rejected = registry.rejected()

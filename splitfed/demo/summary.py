@@ -25,6 +25,10 @@ def print_summary(result: dict, rows: list[dict]) -> None:
     lines.append(f"wire: {security}; {rejected} frames rejected")
     if "max_abs_loss_diff" in result:
         diff = result["max_abs_loss_diff"]
-        verdict = "MATCH" if diff <= 1e-5 else "DIFFERS"
-        lines.append(f"centralized reference: max |loss diff| = {diff:.3e} over {len(rows)} steps -> {verdict} (tolerance 1e-5)")
+        weight = result.get("max_abs_weight_diff")
+        verdict = "MATCH" if diff <= 1e-5 and (weight is None or weight <= 1e-5) else "DIFFERS"  # NaN differs
+        weights = "" if weight is None else (f", final weights max |diff| = {weight:.3e} over "
+                                             f"{result.get('weight_tensors_compared', 0)} tensors")
+        lines.append(f"centralized reference: max |loss diff| = {diff:.3e} over {len(rows)} steps{weights} "
+                     f"-> {verdict} (tolerance 1e-5)")
     click.echo("\n".join(lines))
