@@ -9,15 +9,14 @@ assignment is recorded in Redis, so an operator can see it (`splitfed status`, `
 from __future__ import annotations
 
 import logging
-
-from shared.registry import Registry
+from collections.abc import Callable
 
 log = logging.getLogger("broker")
 
 
 class Assignment:
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, record: Callable[[str, str], None]) -> None:
+        self.record = record  # (silo, worker) -> Redis, off the broker's poll loop
         self.of: dict[str, str] = {}
 
     def worker_for(self, silo: str, live: list[str]) -> str | None:
@@ -32,7 +31,7 @@ class Assignment:
                 load[w] += 1
         chosen = min(sorted(live), key=lambda w: load[w])
         self.of[silo] = chosen
-        self.registry.assign(silo, chosen)
+        self.record(silo, chosen)
         if current is not None:
             log.warning("silo %s moved from worker %s to %s", silo, current, chosen)
         else:

@@ -25,6 +25,7 @@ from redis import RedisError
 from broker.assignment import Assignment
 from broker.batch_window import BatchWindow
 from broker.generation_routes import GenerationRoutes
+from broker.redis_writes import RedisWrites
 from broker.rounds import RoundAggregator
 from broker.serial import SerialScheduler
 from broker.trunk_rounds import TrunkRounds
@@ -34,6 +35,7 @@ from shared.metrics import RoleMetrics
 from shared.protocol import GENERATION_KINDS, Kind
 from shared.registration import verify_registration
 from shared.registry import Heartbeat, Registry, retry_redis
+from shared.run_config import describe, differences, parse_claim, run_config
 from shared.settings import BrokerSettings
 from shared.transport import ServerSecurity
 from shared.wire import (
@@ -66,12 +68,16 @@ class Broker:
         self.silos = list(silos)
         self.local_steps = local_steps
         self.mode = settings.mode
-        self.assignment = Assignment(registry) if self.mode == "hierarchical" else None
+        # Every Redis write of the poll loop goes through this background writer (counters coalesce).
+        self.writes = RedisWrites(registry, flush_s=min(settings.heartbeat_s, 0.5))
+        self.assignment = (Assignment(lambda silo, w: self.writes.call("assign", registry.assign, silo, w))
+                           if self.mode == "hierarchical" else None)
         self.left: set[str] = set()
         self.away: set[str] = set()  # silent past round_timeout_s: skipped until they register again
         self.silo_identity: dict[str, bytes] = {}
         self._reset_schedule()
         self._next_tick = 0.0
+        self._next_beat = 0.0
         self.started_at = time.monotonic()
         # Recovery: a broker started again for a run in progress resumes every peer from the last
         # committed round (each role holds a checkpoint of it), as does a restart of any peer.
@@ -85,7 +91,12 @@ class Broker:
             log.warning("broker restarted (epoch %d): every peer resumes from round %d", self.epoch, self.committed_round)
         self.silo_seen: dict[str, float] = {}  # last frame from each silo's registered connection
         self.ready_ts: dict[str, int] = {}  # newest accepted registration token per silo
+        # The run's reference config (Redis) and this broker's own part of it (mode, encryption):
+        # a peer's READY claims its config, and one that differs is refused with the fields named.
+        self.own_config = run_config(settings)
+        self.run_reference = self._load_run_config()
         self.workers: dict[str, Worker] = {}
+        self.worker_seen: dict[str, float] = {}  # last frame from each worker: liveness over ZeroMQ
         self.purged: dict[str, Worker] = {}  # declared dead; readmitted if their heartbeat comes back
         self._next_worker = 0
         self.step_worker: dict[str, str] = {}  # silo -> worker holding its open step's graph
@@ -126,6 +137,10 @@ class Broker:
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         log.info("broker up: run=%s mode=%s silos=%s", self.run_id, self.settings.mode, ",".join(self.silos))
+        if self.settings.burst and (self._redis("read the round state", self.registry.round_state) or {}).get(
+                "state") == "finished":
+            log.info("--burst: the run is already finished; nothing to serve")
+            self._stopping = True
         try:
             while not self._stopping:
                 events = dict(poller.poll(POLL_MS))
@@ -142,9 +157,11 @@ class Broker:
                 self.metrics.queue_depth(self._waiting())
         finally:
             heartbeat.stop()
+            self.writes.close()  # the last commits and counters reach Redis before we say we left
             self.registry.leave("broker", "broker", status="stopped")
             self.frontend.close()
-            self.backend.close()
+            # A burst stop has just told the workers the run is over: let that leave the socket.
+            self.backend.close(linger=2000 if self.settings.burst else 0)
             self.security.stop()
         log.info("broker stopped: routed=%d rejected=%d", self.stats["routed"], self.stats["rejected"])
         return 0
@@ -176,6 +193,9 @@ class Broker:
                     self._reject(exc.reason, exc.detail, self.frontend, identity, header)
                     return
                 known = None
+            if refusal := self._config_refusal(header, frames, "silo"):
+                self._reject(*refusal, self.frontend, identity, header)
+                return
             silent_s = time.monotonic() - self.silo_seen.get(silo, 0.0)
             if known is not None and known != identity and silent_s < self.settings.liveness_ttl_s:
                 # A live silo keeps its connection: another peer may not take its place. A restarted
@@ -204,7 +224,7 @@ class Broker:
             return
         self.silo_seen[silo] = time.monotonic()
         if silo in self.rolling_back and header.kind != Kind.HEARTBEAT:
-            self._redis("count", self.registry.count_rejected, "stale_after_rollback")
+            self.writes.count_rejected("stale_after_rollback")
             return
         if header.kind == Kind.HELLO:
             self.latest_hello[silo] = frames
@@ -245,11 +265,21 @@ class Broker:
             self._unschedule(silo)
             self.rounds.drop(silo, "left the run")
             if self.left >= set(self.silos):
-                self._redis("finish the rounds", self.registry.finish_rounds)
+                self._finish_run()
         elif header.kind == Kind.HEARTBEAT:
             pass
         else:
             self._reject("unexpected_kind", f"{header.kind.name} from a silo", self.frontend, identity, header)
+
+    def _finish_run(self) -> None:
+        """Every silo has left: the run is over. Workers are told (a --burst worker exits), and a
+        --burst broker stops once those messages are out."""
+        self.writes.call("finish the rounds", self.registry.finish_rounds)
+        for worker in self.workers.values():
+            self._send(self.backend, worker.identity, Message(Kind.DISCONNECT, self.run_id, worker.worker_id))
+        log.info("every silo has finished: the run is over")
+        if self.settings.burst:
+            self._stopping = True
 
     def _verify_ready(self, frames: list, silo: str) -> int:
         msg = message_from_wire([f.buffer for f in frames], self.settings.max_tensor_bytes)
@@ -265,7 +295,11 @@ class Broker:
             return
         if header.kind == Kind.READY:
             worker_id = header.silo_id  # a worker's READY names the worker in the id field
+            if refusal := self._config_refusal(header, frames, "trunk worker"):
+                self._reject(*refusal, self.backend, identity, header)
+                return
             self.workers[worker_id] = Worker(worker_id, identity)
+            self.worker_seen[worker_id] = time.monotonic()
             self.purged.pop(worker_id, None)
             new_process = self._admit(worker_id, header, "worker", frames)
             self.rolling_back.discard(worker_id)
@@ -277,14 +311,22 @@ class Broker:
                     self._route(self.backend, identity, hello)
             return
         sender = next((w.worker_id for w in self.workers.values() if w.identity == identity), None)
+        if sender is None and header.kind == Kind.HEARTBEAT:
+            back = next((w for w in self.purged.values() if w.identity == identity), None)
+            if back is not None:  # it was only slow (e.g. a starved CPU): its heartbeat is back
+                log.warning("trunk worker %s is alive again: readmitted", back.worker_id)
+                self.workers[back.worker_id] = self.purged.pop(back.worker_id)
+                sender = back.worker_id
+        if sender is not None:
+            self.worker_seen[sender] = time.monotonic()
         if sender in self.rolling_back and header.kind != Kind.HEARTBEAT:
-            self._redis("count", self.registry.count_rejected, "stale_after_rollback")
+            self.writes.count_rejected("stale_after_rollback")
             return
         if header.kind == Kind.HEARTBEAT:
             if sender is None:
                 self._send(self.backend, identity, Message(Kind.ERROR, self.run_id, header.silo_id,
                                                            text="register: unknown to this broker"))
-            return  # otherwise liveness is in Redis (TTL keys), checked by _tick
+            return  # liveness: worker_seen, judged by _tick
         if header.kind == Kind.TRUNK_SYNC:
             for w in self.trunk_rounds.relay_targets(header.round, header.silo_id):  # the sender too
                 if w in self.workers:
@@ -298,7 +340,7 @@ class Broker:
         target = self.silo_identity.get(silo)
         if target is None:
             log.warning("result for unknown silo %s dropped", silo)
-            self.registry.count_rejected("unroutable")
+            self.writes.count_rejected("unroutable")
             return
         if header.kind == Kind.HELLO_ACK:
             if (silo, header.round) not in self.acked:
@@ -315,7 +357,7 @@ class Broker:
                     self.step_worker.pop(silo, None)
         else:
             log.warning("unexpected %s from worker dropped", header.kind.name)
-            self.registry.count_rejected("unexpected_kind")
+            self.writes.count_rejected("unexpected_kind")
 
     # ------------------------------------------------------------------ dispatch and routing
     def _submit_forward(self, silo: str, header: Header, frames: list, identity: bytes) -> None:
@@ -402,17 +444,29 @@ class Broker:
                     self.rounds.drop(silo, f"silent for {self.settings.liveness_ttl_s}s")
         self._mark_away(now)
         self.rounds.tick(self._active_silos())
-        try:
-            dead = [w for w in self.workers if not self.registry.alive("trunk", w)]
-            back = [w for w in self.purged if self.registry.alive("trunk", w)]
-        except RedisError as exc:  # Redis restarting: judge liveness at the next tick, not now
-            log.warning("Redis unavailable for liveness checks: %s", exc)
-            return
-        for worker_id in dead:
+        if now >= self._next_beat:
+            self._next_beat = now + self.settings.heartbeat_s
+            self._heartbeat_peers()
+        # Liveness over ZeroMQ (Paranoid Pirate): a worker heartbeats every heartbeat_s from its
+        # loop, so silence past liveness_ttl_s means it is dead (or stuck in one step that long).
+        for worker_id in [w for w in self.workers if now - self.worker_seen.get(w, now) > self.settings.liveness_ttl_s]:
             self._purge_worker(worker_id)
-        for worker_id in back:  # it was only slow (e.g. a starved CPU)
-            log.warning("trunk worker %s is alive again: readmitted", worker_id)
-            self.workers[worker_id] = self.purged.pop(worker_id)
+
+    def _heartbeat_peers(self) -> None:
+        """Tell every registered silo and worker the broker is alive: a peer that hears nothing for
+        a few heartbeats knows the broker is down (it does not wait for its step timeout)."""
+        for silo, identity in self.silo_identity.items():
+            if silo not in self.left:
+                self._beat(self.frontend, identity, silo)
+        for worker in self.workers.values():
+            self._beat(self.backend, worker.identity, worker.worker_id)
+
+    def _beat(self, sock: zmq.Socket, identity: bytes, peer: str) -> None:
+        try:  # quietly: a peer that is gone is judged by its own silence, not by this send
+            sock.send_multipart([identity, *message_to_wire(Message(Kind.HEARTBEAT, self.run_id, peer))],
+                                flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
 
     def _mark_away(self, now: float) -> None:
         """A member silo silent (or absent) for round_timeout_s no longer holds the others up."""
@@ -433,7 +487,7 @@ class Broker:
             self.window.silo_done(silo)
 
     def _purge_worker(self, worker_id: str) -> None:
-        log.warning("trunk worker %s is dead (no heartbeat in Redis): purging it", worker_id)
+        log.warning("trunk worker %s is dead (silent for %ss): purging it", worker_id, self.settings.liveness_ttl_s)
         self.purged[worker_id] = self.workers.pop(worker_id)
         for silo, w in list(self.step_worker.items()):
             if w != worker_id:
@@ -485,7 +539,7 @@ class Broker:
             self.metrics.sent(frames)
         except zmq.ZMQError as exc:  # peer gone (ROUTER_MANDATORY) or its queue is full (EAGAIN)
             log.warning("could not route to %r: %s", identity, exc)
-            self.registry.count_rejected("unroutable")
+            self.writes.count_rejected("unroutable")
 
     def _send(self, sock: zmq.Socket, identity: bytes, msg: Message) -> None:
         self._route(sock, identity, message_to_wire(msg))
@@ -518,7 +572,7 @@ class Broker:
             self._held_commit = rnd
             return
         self.committed_round = rnd
-        self._redis(f"commit round {rnd}", self.registry.commit_round, rnd)
+        self.writes.call(f"commit round {rnd}", self.registry.commit_round, rnd)
         log.info("round %d committed", rnd)
 
     def _admit(self, peer: str, header: Header, role: str, frames: list | None = None) -> bool:
@@ -537,15 +591,34 @@ class Broker:
         return known != incarnation  # a new process (first start or restart), not a re-registration
 
     def _incarnation_of(self, header: Header, frames: list | None) -> str:
-        text = None
-        if header.has_text and frames is not None:
-            text = bytes(frames[-1].buffer).decode("utf-8", "replace")
-        return (text or "").removeprefix("incarnation=")
+        return _text_of(header, frames).partition("\n")[0].removeprefix("incarnation=")
+
+    def _config_refusal(self, header: Header, frames: list, role: str) -> tuple[str, str] | None:
+        """(reason, detail) when a READY's config claim (shared/run_config.py) differs from the run's."""
+        try:
+            claim = parse_claim(_text_of(header, frames))
+        except ValueError as exc:
+            return "bad_config", str(exc)
+        if claim is None:
+            return None  # a peer that claims none still checked the run's config itself at start
+        _, theirs = claim
+        if not set(theirs) <= set(self.run_reference) | set(self.own_config):
+            self.run_reference = self._load_run_config() or self.run_reference  # recorded since we started
+        if diffs := differences({**self.run_reference, **self.own_config}, theirs):
+            return "config_mismatch", describe(diffs, "run", f"this {role}")
+        return None
+
+    def _load_run_config(self) -> dict:
+        try:
+            return self._redis("read the run config", self.registry.run_config) or {}
+        except ValueError as exc:  # hand-edited metadata: every role's own start-up check says so too
+            log.warning("%s", exc)
+            return {}
 
     def _rollback(self, why: str, exclude: str | None = None) -> None:
         rnd = self.committed_round
         log.warning("ROLLBACK to the end of round %d: %s", rnd, why)
-        self._redis("count the rollback", self.registry.count_rollback)
+        self.writes.call("count the rollback", self.registry.count_rollback)
         self._reset_schedule()
         self.latest_hello.clear()  # every silo handshakes again after the rollback: old hellos are stale
         self.acked.clear()
@@ -579,7 +652,7 @@ class Broker:
             header, *_ = split_frames([f.buffer for f in frames], self.settings.max_tensor_bytes)
         except FrameError as exc:
             self.stats["rejected"] += 1
-            self.registry.count_rejected(exc.reason)
+            self.writes.count_rejected(exc.reason)
             self.metrics.rejected(exc.reason)
             log.warning("rejected frame from %s: %s", peer, exc)
             return None
@@ -590,10 +663,17 @@ class Broker:
 
     def _reject(self, reason: str, detail: str, sock: zmq.Socket | None, identity: bytes | None, header: Header) -> None:
         self.stats["rejected"] += 1
-        self.registry.count_rejected(reason)
+        self.writes.count_rejected(reason)
         self.metrics.rejected(reason)
         log.warning("rejected %s from %s: %s", header.kind.name, header.silo_id, detail,
                     extra={"silo": header.silo_id, "round": header.round, "step": header.step, "reason": reason})
         if sock is not None and identity is not None:
             msg = Message(Kind.ERROR, self.run_id, header.silo_id, header.round, header.step, text=f"{reason}: {detail}")
             self._send(sock, identity, msg)
+
+
+def _text_of(header: Header, frames: list | None) -> str:
+    """The text frame of a message already validated by split_frames ("" when it has none)."""
+    if not header.has_text or not frames:
+        return ""
+    return bytes(frames[-1].buffer).decode("utf-8", "replace")

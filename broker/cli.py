@@ -11,6 +11,7 @@ from broker.broker import Broker
 from shared import exit_codes
 from shared.cli_options import build_settings, open_registry, settings_options
 from shared.logs import configure_logging
+from shared.run_config import ConfigMismatch, agree_with_run
 from shared.settings import BrokerSettings
 from shared.transport import TransportError
 
@@ -24,6 +25,11 @@ def broker(**options: object) -> None:
     settings = build_settings(BrokerSettings, options)
     configure_logging(settings.log_level, "broker", settings.log_json)
     registry = open_registry(settings, log)
+    try:
+        agree_with_run(registry, settings, "broker")  # mode and encryption
+    except ConfigMismatch as exc:
+        log.error("%s", exc)
+        sys.exit(exit_codes.CONFIG)
     meta = registry.run_meta()
     silos = [s for s in (settings.silos or meta.get("silos", "")).split(",") if s]
     if not silos:

@@ -30,6 +30,8 @@ class Kind(enum.IntEnum):
     READY            peer -> broker: register (silo_id = the silo, or the worker id for a trunk
                      worker); broker -> peer: accepted. A silo's READY carries its signed
                      registration token, uint8[120] (shared/registration.py) when encryption is on.
+                     Text (peer -> broker): "incarnation=<hex>" and a line "config=<digest> <json>",
+                     the peer's run config (shared/run_config.py); one that differs is refused.
     HEARTBEAT        either way, no tensors: liveness.
     FORWARD          silo -> trunk: hidden h1 float[B,T,H], mask uint8[B,T], positions int[B,T].
     FORWARD_RESULT   trunk -> silo: hidden h2 float[B,T,H].
@@ -38,9 +40,11 @@ class Kind(enum.IntEnum):
                      counter after this step: the order in which steps were applied).
     ERROR            either way: no tensors, text = reason (the step named by round/step failed).
                      Never sealed (it carries no data), so a silo can learn why it was refused.
-    DISCONNECT       silo -> broker: finished, leave the rotation. No tensors.
+    DISCONNECT       silo -> broker: finished, leave the rotation. broker -> trunk worker: every
+                     silo of the run has finished (a --burst worker exits 0). No tensors.
     HELLO            silo -> trunk service (the broker fans it out to every worker): the round's
-                     signed handshake (shared/sealing.py), uint8[196]. Unsealed.
+                     signed handshake (shared/sealing.py), uint8[196]. Unsealed. Text: the silo's
+                     "config=<digest> <json>" line; the signature covers the digest.
     HELLO_ACK        trunk -> silo: uint8[72], the trunk key and its key confirmation. Unsealed.
     GENERATE         silo -> trunk: one step of split generation (shared/generation.py), frames as
                      FORWARD: hidden h1 float[B,T,H], mask uint8[B,T], positions int[B,T]; step = the

@@ -20,6 +20,8 @@ from typing import Any
 
 import redis
 
+from shared.run_config import canonical_json, config_digest, read_reference
+
 log = logging.getLogger(__name__)
 
 ROLES = ("silo", "trunk", "broker")
@@ -61,6 +63,31 @@ class Registry:
 
     def run_meta(self) -> dict[str, str]:
         return self.redis.hgetall(self.key("meta"))
+
+    def run_config(self) -> dict[str, Any] | None:
+        """The run's reference config (shared/run_config.py), None if none is recorded yet."""
+        return read_reference(self.redis.hget(self.key("meta"), "config"))
+
+    def claim_run_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Add the fields of ``config`` that the run's reference lacks (the first role to set a field
+        sets it for the run) and return the reference. Atomic (WATCH): two roles starting at once
+        cannot both set a field."""
+        key = self.key("meta")
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    reference = read_reference(pipe.hget(key, "config")) or {}
+                    merged = {**config, **reference}
+                    if merged == reference:
+                        pipe.unwatch()
+                        return reference
+                    pipe.multi()
+                    pipe.hset(key, mapping={"config": canonical_json(merged), "config_digest": config_digest(merged)})
+                    pipe.execute()
+                    return merged
+                except redis.WatchError:
+                    continue
 
     def set_run_status(self, status: str) -> None:
         self.redis.hset(self.key("meta"), "status", status)
@@ -140,6 +167,13 @@ class Registry:
             self.redis.hincrby(self.key("rejected"), reason, 1)
         except redis.RedisError as exc:  # counting must never take a role down
             log.warning("could not count rejected frame (%s): %s", reason, exc)
+
+    def count_rejected_many(self, counts: dict[str, int]) -> None:
+        """Add several reasons' counts in one round trip (the broker's batched writes). Raises RedisError."""
+        pipe = self.redis.pipeline(transaction=False)
+        for reason, n in counts.items():
+            pipe.hincrby(self.key("rejected"), reason, n)
+        pipe.execute()
 
     def rejected(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.redis.hgetall(self.key("rejected")).items()}

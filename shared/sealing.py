@@ -23,7 +23,10 @@ HELLO, version 1, 196 bytes, little-endian::
      52   16  random nonce (HKDF salt: two hellos never give the same key)
      68   32  silo ephemeral X25519 public key (fresh per hello, private half never stored)
     100   32  silo static X25519 public key (must equal the enrolled one)
-    132   64  Ed25519 signature over b"splitfed-hello-v1\\0" + bytes 0..131
+    132   64  Ed25519 signature over b"splitfed-hello-v1\\0" + bytes 0..131, or, when the silo binds its
+              run config (shared/run_config.py), over b"splitfed-hello-v1\\0config=" + digest + b"\\0"
+              + bytes 0..131: the trunk verifies it over the digest of ITS OWN settings, so a claim
+              altered on the way (the HELLO's text) fails here
 
 ACK, version 1, 72 bytes: magic b"SPFA", version 1, cipher, 2 reserved bytes, the trunk's X25519
 public key (32), confirm = HMAC-SHA256(k_confirm, b"splitfed-ack-v1" + SHA-256(hello)) (32).
@@ -480,10 +483,12 @@ class PendingSession:
 
 def make_hello(silo_keys: SiloKeys, silo_id: str, run_id: str, round_no: int, *, cipher: str = "aes-gcm",
                now_ns: int | None = None, sender_slot: int | None = None, replay_window: int = 64,
-               max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> tuple[bytes, PendingSession]:
+               max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES, config_digest: str | None = None
+               ) -> tuple[bytes, PendingSession]:
     """Build this round's signed hello. Send the bytes; keep the pending half to ``complete``.
 
-    The silo is the only sender in its direction, so its slot defaults to 0.
+    The silo is the only sender in its direction, so its slot defaults to 0. ``config_digest``
+    (the silo's run config digest) is bound into the signature; the trunk must pass its own.
     """
     check_id(silo_id, "silo id")
     check_id(run_id, "run id")
@@ -496,10 +501,17 @@ def make_hello(silo_keys: SiloKeys, silo_id: str, run_id: str, round_no: int, *,
     nonce = secrets.token_bytes(16)
     body = _HELLO_BODY.pack(HELLO_MAGIC, HANDSHAKE_VERSION, CIPHERS[cipher], 0, _id_to_wire(run_id),
                             _id_to_wire(silo_id), round_no, ts, nonce, eph_pub, silo_keys.x25519_public)
-    sig = silo_keys.identity.sign(_SIG_CONTEXT + body)
+    sig = silo_keys.identity.sign(_signed_hello(body, config_digest))
     hello = body + sig
     fields = HelloFields(cipher, run_id, silo_id, round_no, ts, nonce, eph_pub, silo_keys.x25519_public, sig, body)
     return hello, PendingSession(silo_keys, fields, hello, eph, sender_slot, replay_window, max_tensor_bytes)
+
+
+def _signed_hello(body: bytes, config_digest: str | None) -> bytes:
+    """What a hello's signature covers: the body, and the silo's run config digest when it binds one."""
+    if config_digest is None:
+        return _SIG_CONTEXT + body
+    return _SIG_CONTEXT + b"config=" + config_digest.encode("ascii") + b"\0" + body
 
 
 def peek_hello(hello: bytes | memoryview) -> HelloFields:
@@ -528,12 +540,13 @@ def accept_hello(hello: bytes | memoryview, trunk_keys: TrunkKeys, lookup_fn: Lo
                  allowed_ciphers: Sequence[str] = ("aes-gcm", "chacha20"), expected_round: int | None = None,
                  max_skew_s: float = 300.0, now_ns: int | None = None, guard: HelloGuard | None = None,
                  sender_slot: int | None = None, replay_window: int = 64,
-                 max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES) -> Session:
+                 max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES, config_digest: str | None = None) -> Session:
     """Trunk side: verify a silo's hello against the allow-list and derive the session.
 
     ``lookup_fn(silo_id)`` returns the enrollment (``shared.keys.lookup`` bound to a registry).
     ``guard`` (one per process) refuses replayed or older hellos. ``sender_slot``: this process's
-    unique slot (``shared.keys.claim_sender_slot``); the default is random.
+    unique slot (``shared.keys.claim_sender_slot``); the default is random. ``config_digest``: the
+    digest of the trunk's own run config over the fields the silo claims (None: the silo bound none).
     """
     hello = bytes(hello)
     f = peek_hello(hello)
@@ -550,7 +563,8 @@ def accept_hello(hello: bytes | memoryview, trunk_keys: TrunkKeys, lookup_fn: Lo
     if enrolled.revoked:
         raise SealError("revoked", f"{f.silo_id} was revoked")
     try:
-        Ed25519PublicKey.from_public_bytes(enrolled.ed25519_public).verify(f.signature, _SIG_CONTEXT + f.body)
+        Ed25519PublicKey.from_public_bytes(enrolled.ed25519_public).verify(f.signature,
+                                                                           _signed_hello(f.body, config_digest))
     except InvalidSignature:
         raise SealError("bad_hello_signature",
                         f"hello claiming {f.silo_id} is not signed by its enrolled identity") from None

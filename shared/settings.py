@@ -87,6 +87,8 @@ class BrokerSettings(CommonSettings):
                                                    "the silos' head/tail weights, or none")
     personalize: bool = Field(False, description="hierarchical: keep each silo's trunk adapter (no trunk FedAvg)")
     curve_allow_dir: Path | None = Field(None, description="directory of client public certificates admitted by ZAP")
+    burst: bool = Field(False, description="exit 0 once every silo of the run has finished (after telling the "
+                        "trunk workers the run is over), instead of serving until SIGTERM")
 
 
 class TrunkSettings(CryptoSettings):
@@ -102,6 +104,8 @@ class TrunkSettings(CryptoSettings):
                                        "gradients; missing slices count as zero")
     save_dir: Path | None = Field(None, description="on exit, write the trunk's trainable tensors here (trunk.safetensors; "
                                   "hierarchical: also trunk-<silo>.safetensors per silo)")
+    burst: bool = Field(False, description="exit 0 when the broker says the run is finished (every silo done), "
+                        "instead of serving until SIGTERM")
 
 
 class SiloSettings(CryptoSettings):
@@ -115,6 +119,8 @@ class SiloSettings(CryptoSettings):
     batch_size: int = Field(4, ge=1, description="examples per step")
     max_length: int = Field(128, ge=8, description="tokens per example (prompt truncated from the left)")
     step_timeout_s: float = Field(300.0, gt=0, description="give up on a trunk reply after this long")
+    broker_timeout_s: float = Field(60.0, gt=0, description="give up when the broker has sent nothing (not even "
+                                    "its heartbeat) for this long; a silo says so after 3 silent heartbeats")
     report_loss: bool = Field(True, description="publish each step's loss to Redis for monitoring")
     results: Path | None = Field(None, description="write losses and final adapter metadata here (JSON)")
     save_dir: Path | None = Field(None, description="write the final head/tail trainable tensors here (safetensors)")

@@ -39,6 +39,7 @@ from shared.optim import make_optimizer
 from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.registration import sign_registration
 from shared.registry import Heartbeat, Registry
+from shared.run_config import ConfigMismatch, claim_line, config_digest, run_config
 from shared.sealed_codec import SealedCodec
 from shared.sealing import SealError, make_hello
 from shared.settings import SiloSettings
@@ -47,44 +48,14 @@ from shared.tokenizer import load_tokenizer
 from shared.transport import client_socket
 from shared.wire import FrameError, Message
 from silo_agent.aggregation import RoundAggregation
+from silo_agent.broker_liveness import BrokerLiveness
 from silo_agent.generation import generate_live
 from silo_agent.microbatch import run_microbatched_step
+from silo_agent.peer_errors import PeerError, Reregister, Retry, Rollback, Straggler, resume_round  # noqa: F401
 
 log = logging.getLogger("silo")
 
 MAX_STEP_ATTEMPTS = 3
-
-
-class PeerError(RuntimeError):
-    """The broker or trunk refused a step or stopped answering."""
-
-
-class Rollback(RuntimeError):
-    """A role restarted: go back to the end of round ``round`` (its checkpoint) and go on from there."""
-
-    def __init__(self, text: str | None) -> None:
-        super().__init__(f"the broker asks to resume from round {text}")
-        self.round = resume_round(text)
-
-
-class Reregister(RuntimeError):
-    """The broker does not know this connection (it restarted): register again."""
-
-
-def resume_round(text: str | None) -> int:
-    """The round to resume from in a READY ack or ROLLBACK ("resume=R"; -1 = before the first)."""
-    try:
-        return checkpoint.parse_resume(text)
-    except ValueError as exc:
-        raise PeerError(f"{exc} from the broker") from None
-
-
-class Retry(RuntimeError):
-    """The broker lost the trunk worker holding this step (nothing was applied): send it again."""
-
-
-class Straggler(RuntimeError):
-    """Client-batch: this silo's slice was dropped from its step's trunk batch (it came late)."""
 
 
 class SiloAgent:
@@ -105,6 +76,7 @@ class SiloAgent:
         self.trainable = trainable
         self.history: list[dict] = []
         self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
+        self.run_config = run_config(settings)  # claimed in READY and HELLO (shared/run_config.py)
         defense = {"clip_norm": settings.cut_clip_norm, "sigma": settings.cut_noise_sigma}
         if settings.cut_noise_seed is not None:
             defense["seed"] = settings.cut_noise_seed
@@ -117,6 +89,7 @@ class SiloAgent:
         self.ctx = zmq.Context.instance()
         self.sock = client_socket(self.ctx, settings.silo_id, settings.broker_frontend, settings.curve, settings.curve_cert,
                                   settings.curve_broker_key)
+        self.broker = BrokerLiveness(settings.heartbeat_s, settings.broker_timeout_s, settings.broker_frontend)
         self.aggregation = RoundAggregation(
             settings.silo_id, settings.run_id, trainable, self.dataset.num_examples, registry,
             self.keys.x25519 if isinstance(self.codec, SealedCodec) else None, self._send, self._await_match)
@@ -140,10 +113,12 @@ class SiloAgent:
         # The trunk accepts only hellos signed later than the last one it accepted: keep this
         # process's timestamps strictly increasing even if the wall clock steps back.
         self._hello_ns = max(time.time_ns(), getattr(self, "_hello_ns", 0) + 1)
+        # The run config's digest is signed into the hello, so the trunk checks our settings itself.
         hello, pending = make_hello(self.keys, s.silo_id, s.run_id, rnd, cipher=s.cipher, now_ns=self._hello_ns,
-                                    max_tensor_bytes=s.max_tensor_bytes)
+                                    max_tensor_bytes=s.max_tensor_bytes, config_digest=config_digest(self.run_config))
         self._send(Message(Kind.HELLO, s.run_id, s.silo_id, rnd, step,
-                           tensors=[torch.frombuffer(bytearray(hello), dtype=torch.uint8)]))
+                           tensors=[torch.frombuffer(bytearray(hello), dtype=torch.uint8)],
+                           text=claim_line(self.run_config)))
         for _ in range(3):
             ack = self._await(Kind.HELLO_ACK, step)
             try:
@@ -284,7 +259,8 @@ class SiloAgent:
             if isinstance(self.codec, SealedCodec):  # prove we hold the enrolled identity
                 raw = sign_registration(self.keys, s.run_id, s.silo_id)
                 token = [torch.frombuffer(bytearray(raw), dtype=torch.uint8)]
-            self._send(Message(Kind.READY, s.run_id, s.silo_id, tensors=token, text=f"incarnation={self.incarnation}"))
+            self._send(Message(Kind.READY, s.run_id, s.silo_id, tensors=token,
+                               text=f"incarnation={self.incarnation}\n{claim_line(self.run_config)}"))
             try:
                 ack = self._await(Kind.READY, step=0)
                 break
@@ -392,14 +368,17 @@ class SiloAgent:
             if left_ms <= 0:
                 raise PeerError(f"no {what} within {s.step_timeout_s:.0f}s "
                                 f"(is the broker at {s.broker_frontend} up, with a trunk worker?)")
+            waited = time.monotonic()
             with self.timeline.io():
-                ready = self.sock.poll(min(left_ms, int(s.heartbeat_s * 1000)))
+                ready = self.sock.poll(min(left_ms, int(self.broker.interval_s * 1000)))
             if not ready:
+                self.broker.silent_for(time.monotonic() - waited)  # raises PeerError past broker_timeout_s
                 # Waiting for our turn: tell the broker this connection is alive.
                 self._send(Message(Kind.HEARTBEAT, s.run_id, s.silo_id))
                 continue
             with self.timeline.io():
                 frames = self.sock.recv_multipart(copy=False)
+            self.broker.heard()
             self.metrics.received(frames)
             try:
                 msg = self.codec.decode([f.buffer for f in frames])
@@ -408,9 +387,13 @@ class SiloAgent:
                 self.metrics.rejected(exc.reason)
                 log.warning("rejected frame from the broker: %s", exc)
                 continue
+            if msg.kind == Kind.HEARTBEAT:  # the broker's: it is alive
+                continue
             if msg.kind == Kind.ROLLBACK:
                 raise Rollback(msg.text)
             if msg.kind == Kind.ERROR:
+                if (msg.text or "").startswith("config_mismatch"):  # the broker or the trunk: our settings differ
+                    raise ConfigMismatch(f"refused for a config mismatch: {msg.text.partition(': ')[2]}")
                 if (msg.text or "").startswith("register"):
                     raise Reregister(msg.text)
                 if (msg.text or "").startswith("straggler") and msg.step == step:

@@ -12,6 +12,7 @@ from shared.cli_options import build_settings, open_registry, settings_options
 from shared.keys import KeyFileError
 from shared.logs import configure_logging
 from shared.models import resolve_model_dir
+from shared.run_config import ConfigMismatch, agree_with_run
 from shared.sealing import SealError
 from shared.settings import SiloSettings
 from silo_agent.agent import PeerError, SiloAgent
@@ -27,13 +28,19 @@ def silo(**options: object) -> None:
     configure_logging(settings.log_level, f"silo[{settings.silo_id}]", settings.log_json)
     registry = open_registry(settings, log)
     try:
+        agree_with_run(registry, settings, "silo", record=False)  # before the model loads: fails in seconds
         model_dir = resolve_model_dir(settings.model)
         agent = SiloAgent(settings, registry, model_dir)
+        agree_with_run(registry, settings, "silo")  # it starts: its fields become the run's where none are yet
     except (FileNotFoundError, ValueError, KeyFileError) as exc:
         log.error("%s", exc)
         sys.exit(exit_codes.CONFIG)
     try:
         sys.exit(agent.run())
+    except ConfigMismatch as exc:  # the broker or the trunk refused our READY or HELLO
+        log.error("%s", exc)
+        registry.leave("silo", settings.silo_id, status="failed")
+        sys.exit(exit_codes.CONFIG)
     except SealError as exc:  # e.g. the trunk's key is not the one pinned in our settings
         log.error("refusing to train: %s", exc)
         registry.leave("silo", settings.silo_id, status="failed")

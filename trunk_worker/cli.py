@@ -12,6 +12,7 @@ from shared.cli_options import build_settings, open_registry, settings_options
 from shared.keys import KeyFileError, KeyStoreError
 from shared.logs import configure_logging
 from shared.models import resolve_model_dir
+from shared.run_config import ConfigMismatch, agree_with_run
 from shared.settings import TrunkSettings
 from trunk_worker.worker import TrunkWorker
 
@@ -26,9 +27,15 @@ def trunk(**options: object) -> None:
     configure_logging(settings.log_level, f"trunk[{settings.worker_id}]", settings.log_json)
     registry = open_registry(settings, log)
     try:
+        agree_with_run(registry, settings, "trunk", record=False)  # before the model loads: fails in seconds
         model_dir = resolve_model_dir(settings.model)
         worker = TrunkWorker(settings, registry, model_dir)
+        agree_with_run(registry, settings, "trunk")  # it starts: its fields become the run's where none are yet
     except (FileNotFoundError, ValueError, KeyFileError, KeyStoreError) as exc:
         log.error("%s", exc)
         sys.exit(exit_codes.CONFIG)
-    sys.exit(worker.run())
+    try:
+        sys.exit(worker.run())
+    except ConfigMismatch as exc:  # the broker refused our READY
+        log.error("%s", exc)
+        sys.exit(exit_codes.CONFIG)

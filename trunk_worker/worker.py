@@ -11,6 +11,7 @@ import logging
 import resource
 import secrets
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from shared.model_split import build_part
 from shared.optim import make_optimizer
 from shared.protocol import GENERATION_KINDS, WIRE_DTYPE_BY_NAME, Kind
 from shared.registry import Heartbeat, Registry, retry_redis
+from shared.run_config import ConfigMismatch, claim_line, config_digest, describe, differences, parse_claim, run_config
 from shared.sealed_codec import SealedCodec
 from shared.sealing import HelloGuard, SealError, accept_hello
 from shared.settings import TrunkSettings
@@ -44,6 +46,7 @@ from trunk_worker.trunk_sync import TrunkSync
 log = logging.getLogger("trunk")
 
 POLL_MS = 100
+BROKER_LIVENESS = 3  # silent broker heartbeats before the worker says the broker looks down
 
 
 class StepError(Exception):
@@ -79,11 +82,17 @@ class TrunkWorker:
         self.pending = PendingGraphs(settings.max_pending)
         self.updates = 0
         self.recomputed_steps = 0  # forwards kept as inputs only (--recompute-forward)
-        # Each silo's last applied step and its result, for a retried BACKWARD: a silo sends step n+1
-        # only after step n's result, so the last one is the only one that can come again.
-        self.applied: dict[str, tuple[int, Message]] = {}
+        # Each silo's last applied step with its BACKWARD_RESULT and FORWARD_RESULT, for a retried
+        # step: a silo sends step n+1 only after step n's result, so the last one is the only one
+        # that can come again. Its FORWARD gets the kept output (running it again through the updated
+        # trunk would hand the silo another h2 than the one the kept dL/dh1 belongs to).
+        self.applied: dict[str, tuple[int, Message, Message | None]] = {}
+        self.forwarded: dict[str, tuple[int, int, Message]] = {}  # silo -> (step, FORWARDs of it, last output)
         self.accepted_hellos: dict[str, bytes] = {}
+        self.heard_at = time.monotonic()  # the broker heartbeats us every heartbeat_s
+        self.broker_down = False
         self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
+        self.run_config = run_config(settings)  # what READY claims and silos' HELLOs must agree with
         self._stopping = False
         self.metrics = RoleMetrics("trunk", settings.worker_id, settings.metrics_port, settings.metrics_addr)
         self.keys = None
@@ -115,10 +124,14 @@ class TrunkWorker:
         self.registry.join("trunk", s.worker_id, device=str(self.device), adapter=s.adapter)
         heartbeat = Heartbeat(self.registry, "trunk", s.worker_id, s.heartbeat_s, s.liveness_ttl_s,
                               status_fn=lambda: {"updates": self.updates, "pending": len(self.pending)}).start()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         if s.checkpoint_dir is not None and not checkpoint.rounds_on_disk(self._checkpoints):
             self._save_checkpoint(-1)  # the state before any update: where a rollback of round 0 returns
         self._register()
+        if s.burst and retry_redis(self.registry.round_state).get("state") == "finished":
+            log.info("--burst: the run is already finished; nothing to serve")
+            self._stopping = True
         next_beat = time.monotonic() + s.heartbeat_s
         log.info("trunk worker %s up on %s (%d trainable tensors)", s.worker_id, self.device,
                  0 if self.optimizer is None else len(self.optimizer.param_groups[0]["params"]))
@@ -127,7 +140,10 @@ class TrunkWorker:
                 if time.monotonic() >= next_beat:  # the broker learns we are alive, and we learn
                     self._send(Message(Kind.HEARTBEAT, s.run_id, s.worker_id))  # if it forgot us
                     next_beat = time.monotonic() + s.heartbeat_s
-                if self.sock.poll(POLL_MS):
+                if not self.sock.poll(POLL_MS):
+                    self._broker_silence()
+                else:
+                    self._broker_heard()
                     with self.timeline.busy():
                         with self.timeline.io():
                             frames = self.sock.recv_multipart(copy=False)
@@ -150,6 +166,20 @@ class TrunkWorker:
             self.sock.close()
         log.info("trunk worker stopped after %d updates", self.updates)
         return 0
+
+    def _broker_silence(self) -> None:
+        """Say once that the broker looks down. ZeroMQ reconnects by itself with back-off, and a
+        restarted broker answers our next heartbeat with "register"."""
+        silent_s = time.monotonic() - self.heard_at
+        if not self.broker_down and silent_s >= BROKER_LIVENESS * self.settings.heartbeat_s:
+            self.broker_down = True
+            log.warning("the broker has been silent for %.1fs (%d heartbeats): it looks down; waiting for it",
+                        silent_s, BROKER_LIVENESS, extra={"reason": "broker_silent"})
+
+    def _broker_heard(self) -> None:
+        if self.broker_down:
+            log.warning("the broker answers again after %.1fs", time.monotonic() - self.heard_at)
+        self.heard_at, self.broker_down = time.monotonic(), False
 
     def _save_adapters(self, directory: Path) -> None:
         """The trunk's adapter for `splitfed eval` / `splitfed export`: trunk.safetensors. In
@@ -194,11 +224,19 @@ class TrunkWorker:
             elif msg.kind == Kind.ROLLBACK:
                 self.restore(_resume_round(msg.text))
                 self._register()  # the broker counts our frames again once this READY arrives
+            elif msg.kind == Kind.ERROR and (msg.text or "").startswith("config_mismatch"):
+                raise ConfigMismatch(f"the broker refused this trunk worker: {msg.text}")
             elif msg.kind == Kind.ERROR and (msg.text or "").startswith("register"):
                 log.warning("the broker does not know us (%s): registering again", msg.text)
                 self._register()
             elif msg.kind == Kind.HEARTBEAT:
                 pass
+            elif msg.kind == Kind.DISCONNECT:  # the broker: every silo has finished
+                if self.settings.burst:
+                    log.info("the run is finished: exiting (--burst)")
+                    self._stopping = True
+                else:
+                    log.info("the run is finished; serving on until SIGTERM (--burst exits here)")
             elif msg.kind in GENERATION_KINDS:  # split generation (trunk_worker/generation.py)
                 if self.adapters is not None and msg.kind == Kind.GENERATE:
                     self.adapters.activate_for_generation(msg.silo_id)  # its own trunk adapter, not the last one used
@@ -231,7 +269,8 @@ class TrunkWorker:
         session = accept_hello(
             raw, self.keys, lambda silo: retry_redis(keystore.lookup, self.registry, silo),
             self.settings.run_id, allowed_ciphers=(self.settings.cipher,), guard=self.hello_guard,
-            sender_slot=self.sender_slot, max_tensor_bytes=self.settings.max_tensor_bytes)
+            sender_slot=self.sender_slot, max_tensor_bytes=self.settings.max_tensor_bytes,
+            config_digest=self._hello_config_digest(msg))
         if (session.silo_id, session.round) != (msg.silo_id, msg.round):
             raise SealError("wrong_session", "hello contents do not match its header")
         self.codec.sessions.add(session)
@@ -240,8 +279,30 @@ class TrunkWorker:
         ack = torch.frombuffer(bytearray(session.ack()), dtype=torch.uint8)
         return Message(Kind.HELLO_ACK, msg.run_id, msg.silo_id, msg.round, msg.step, tensors=[ack])
 
+    def _hello_config_digest(self, msg: Message) -> str | None:
+        """The run config digest a silo's hello must be signed over: the fields it claims (in the
+        HELLO's text), with THIS trunk's values, so a claim altered on the way fails the signature.
+        None: the silo claims nothing (its signature then covers no digest)."""
+        try:
+            claim = parse_claim(msg.text)
+        except ValueError as exc:
+            raise StepError("bad_config", str(exc)) from None
+        if claim is None:
+            return None
+        _, theirs = claim
+        if diffs := differences(self.run_config, theirs):
+            raise StepError("config_mismatch", describe(diffs, "trunk", "silo"))
+        if unknown := sorted(set(theirs) - set(self.run_config)):
+            raise StepError("config_mismatch", f"{', '.join(unknown)}: not a setting of this trunk")
+        return config_digest({k: self.run_config[k] for k in theirs})
+
     # ------------------------------------------------------------------ the two halves of a step
     def forward(self, msg: Message) -> Message:
+        last_applied = self.applied.get(msg.silo_id)
+        if last_applied is not None and last_applied[0] == msg.step and last_applied[2] is not None:
+            log.warning("%s step %d already applied: answering its FORWARD again with the kept output", msg.silo_id,
+                        msg.step)
+            return last_applied[2]
         hidden, mask, positions = msg.tensors
         if hidden.shape[-1] != self.hidden_size:
             raise StepError("schema", f"hidden size {hidden.shape[-1]}, trunk expects {self.hidden_size}")
@@ -260,8 +321,12 @@ class TrunkWorker:
             else:
                 h2 = self.trunk(*inputs)
         self._remember((msg.silo_id, msg.step), h1, h2, time.perf_counter() - started)
-        return Message(Kind.FORWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
-                       tensors=[h2.detach().to(self.wire_dtype)])
+        result = Message(Kind.FORWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
+                         tensors=[h2.detach().to(self.wire_dtype)])
+        previous = self.forwarded.get(msg.silo_id)
+        count = previous[1] + 1 if previous is not None and previous[0] == msg.step else 1
+        self.forwarded[msg.silo_id] = (msg.step, count, result)
+        return result
 
     def backward(self, msg: Message) -> Message:
         key = (msg.silo_id, msg.step)
@@ -293,7 +358,10 @@ class TrunkWorker:
         applied = torch.tensor([self.updates], dtype=torch.int64)
         result = Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
                          tensors=[h1.grad.to(self.wire_dtype), applied])
-        self.applied[msg.silo_id] = (msg.step, result)
+        forwarded = self.forwarded.pop(msg.silo_id, None)
+        # A step of micro-batches had several outputs: a retry of it gets no kept output (it runs again).
+        kept = forwarded[2] if forwarded is not None and forwarded[:2] == (msg.step, 1) else None
+        self.applied[msg.silo_id] = (msg.step, result, kept)
         return result
 
     # ------------------------------------------------------------------ client-batch
@@ -360,6 +428,7 @@ class TrunkWorker:
         # Every silo of the round has its last result (it joined the round's end after it): no retry
         # can come, and the worker is at its fullest now, so drop the kept results before averaging.
         self.applied.clear()
+        self.forwarded.clear()
         if not msg.text:
             return self._close_round(msg.round)
         if self.adapters is None:
@@ -398,11 +467,14 @@ class TrunkWorker:
     # ------------------------------------------------------------------ registration and recovery
     def _register(self) -> None:
         s = self.settings
-        self._send(Message(Kind.READY, s.run_id, s.worker_id, text=f"incarnation={self.incarnation}"))
+        self._send(Message(Kind.READY, s.run_id, s.worker_id,
+                           text=f"incarnation={self.incarnation}\n{claim_line(self.run_config)}"))
 
     def _on_sigterm(self, *_: object) -> None:
-        """First SIGTERM: stop after the message in hand. Second: stop now."""
-        if self._stopping:
+        """First SIGTERM: stop after the message in hand. Second: stop now. (Counted apart from
+        _stopping: a --burst worker already stopping at the run's end is not on its second SIGTERM.)"""
+        self._sigterms = getattr(self, "_sigterms", 0) + 1
+        if self._sigterms > 1:
             raise SystemExit(143)
         self._stopping = True
 
@@ -417,6 +489,7 @@ class TrunkWorker:
         """Go back to the end of round ``rnd`` (-1: the initial state): a role restarted."""
         self.pending.clear()
         self.applied.clear()
+        self.forwarded.clear()
         if self.batches is not None:
             self.batches.by_member.clear()
         self.sync.expected.clear()

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import click
 
-from shared.centralized import centralized_reference
+from shared.centralized import centralized_run
 from shared.models import resolve_model_dir
 from splitfed.demo.federation_run import DemoConfig
 from splitfed.demo.runner import run_federation
 from splitfed.demo.summary import print_summary
+from splitfed.demo.weights_check import WeightsMismatch, load_run_weights, max_abs_weight_diff
 
 
 @click.command("demo")
@@ -52,7 +53,11 @@ from splitfed.demo.summary import print_summary
               help="fault injection: SIGKILL ROLE (broker, trunk, siloN, redis) when the run reaches STEP, "
                    "or at a named fail point (broker@uncommitted-hello: between the first round's aggregation "
                    "and its commit), then restart it as a supervisor would (repeatable)")
-@click.option("--check-centralized", is_flag=True, help="also train in one process without network and compare losses")
+@click.option("--role-env", "role_env", multiple=True, metavar="ROLE:SPLITFED_NAME=VALUE",
+              help="extra environment for one role only (broker, trunk or siloN), e.g. silo1:SPLITFED_HEAD_LAYERS=2 "
+                   "to see a role whose settings differ from the run's refused (repeatable)")
+@click.option("--check-centralized", is_flag=True,
+              help="also train in one process without network and compare losses and final weights")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the run's results here")
 @click.option("--key-prefix", default="splitfed", show_default=True, envvar="SPLITFED_KEY_PREFIX",
               help="namespace of the run's Redis keys [env SPLITFED_KEY_PREFIX]")
@@ -60,6 +65,10 @@ from splitfed.demo.summary import print_summary
 def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, key_prefix: str, **options) -> None:
     """Start Redis, a broker, a trunk worker and N silos as processes, train, and summarise."""
     cfg = DemoConfig(**options)
+    try:
+        cfg.role_envs()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     if cfg.mode == "hierarchical" and cfg.adapter == "full":
         raise click.UsageError("--mode hierarchical keeps one trunk adapter per silo: use --adapter lora or prefix")
     if cfg.workers > 1 and cfg.mode != "hierarchical":
@@ -78,11 +87,17 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
             click.echo("note: the reference has no cut defense; expect the losses to differ", err=True)
         click.echo("centralized reference: same parts, data order and optimizer in one process...", err=True)
         t0 = time.perf_counter()
-        ref = centralized_reference(model_dir, cfg, [run_dir / "data" / f"{s}.jsonl" for s in cfg.silo_ids])
+        ref = centralized_run(model_dir, cfg, [run_dir / "data" / f"{s}.jsonl" for s in cfg.silo_ids])
         result["centralized_wall_s"] = round(time.perf_counter() - t0, 3)
-        by_key = {(r["silo_index"], r["step"]): r["loss"] for r in ref}
+        by_key = {(r["silo_index"], r["step"]): r["loss"] for r in ref.history}
         result["centralized_losses"] = [by_key[(r["silo_index"], r["step"])] for r in rows]
         result["max_abs_loss_diff"] = max(abs(a - b) for a, b in zip(result["losses"], result["centralized_losses"]))
+        try:  # after the last optimizer step and the last round's FedAvg, which no loss shows
+            diff, count = max_abs_weight_diff(load_run_weights(run_dir / "weights"), ref.weights)
+        except WeightsMismatch as exc:
+            raise click.ClickException(f"the run's final weights do not fit the reference's: {exc} "
+                                       f"(weights in {run_dir / 'weights'})") from None
+        result["max_abs_weight_diff"], result["weight_tensors_compared"] = diff, count
     print_summary(result, rows)
     if json_path:
         json_path.write_text(json.dumps(result, indent=1))

@@ -43,6 +43,7 @@ class DemoConfig:
     cut_clip_norm: float | None = None
     cut_noise_sigma: float = 0.0
     kills: tuple[str, ...] = ()
+    role_env: tuple[str, ...] = ()  # "ROLE:SPLITFED_NAME=VALUE": one role's own extra environment
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def model_env(self) -> dict[str, str]:
@@ -54,6 +55,28 @@ class DemoConfig:
             "SPLITFED_ENCRYPTION": str(self.encryption).lower(),  # broker: signed registration
             **self.extra_env,
         }
+
+    def run_config(self) -> dict:
+        """The run's reference config (shared/run_config.py): the settings every role gets from
+        model_env() (over this environment, as the roles see it), and the mode."""
+        from shared.run_config import RUN_CONFIG_FIELDS, run_config
+        from shared.settings import TrunkSettings  # the class with every run-wide field
+
+        env = self.model_env()
+        given = {f: env[f"SPLITFED_{f.upper()}"] for f in RUN_CONFIG_FIELDS if f"SPLITFED_{f.upper()}" in env}
+        return run_config(TrunkSettings(**{**given, "mode": self.mode}))
+
+    def role_envs(self) -> dict[str, dict[str, str]]:
+        """--role-env, by role (broker, trunk: every worker, or a silo id). Raises ValueError."""
+        envs: dict[str, dict[str, str]] = {}
+        for item in self.role_env:
+            role, _, assignment = item.partition(":")
+            name, eq, value = assignment.partition("=")
+            if role not in ("broker", "trunk", *self.silo_ids) or not eq or not name.startswith("SPLITFED_"):
+                raise ValueError(f"--role-env {item!r}: expected ROLE:SPLITFED_NAME=VALUE with ROLE one of "
+                                 f"broker, trunk, {', '.join(self.silo_ids)}")
+            envs.setdefault(role, {})[name] = value
+        return envs
 
     @property
     def silo_ids(self) -> list[str]:
@@ -136,11 +159,11 @@ def launch_servers(fed, cfg: DemoConfig, ports: tuple[int, int], keys_env: dict[
     fed.start("broker", ["broker", "--frontend-bind", front, "--backend-bind", back, "--mode", cfg.mode,
                          "--silos", ",".join(cfg.silo_ids), "--batch-window-ms", str(cfg.batch_window_ms),
                          "--aggregation", cfg.aggregation, "--max-inflight", str(cfg.max_inflight),
-                         "--personalize", str(cfg.personalize).lower()], env=keys_env.get("broker"))
+                         "--personalize", str(cfg.personalize).lower(), "--burst", "true"], env=keys_env.get("broker"))
     for wid in cfg.worker_ids:
         fed.start(wid, ["trunk", "--broker-backend", back, "--worker-id", wid, "--mode", cfg.mode,
                         "--checkpoint-dir", str(run_dir / "checkpoints"), "--save-dir", str(run_dir / "weights"),
-                        "--recompute-forward", str(cfg.recompute_forward).lower()],
+                        "--recompute-forward", str(cfg.recompute_forward).lower(), "--burst", "true"],
                   env=keys_env.get("trunk"))
     return front
 

@@ -11,6 +11,7 @@ import click
 from redis import RedisError
 
 from shared.registry import Registry
+from shared.run_config import meta_fields
 from splitfed.demo.faults import FaultInjector, armed_env, parse_kills
 from splitfed.demo.federation_run import (
     RUN_TTL_S,
@@ -51,18 +52,20 @@ def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: flo
     run_id = new_run_id()
     registry = Registry(url, key_prefix, run_id)
     registry.create_run({"mode": cfg.mode, "silos": ",".join(cfg.silo_ids), "steps": cfg.steps,
-                         "local_steps": cfg.local_steps, "model": cfg.model, "adapter": cfg.adapter, "status": "running"})
+                         "local_steps": cfg.local_steps, "model": cfg.model, "adapter": cfg.adapter, "status": "running",
+                         **meta_fields(cfg.run_config())})  # the reference every role's settings must agree with
     click.echo(f"run {run_id}: Redis {url}, logs in {run_dir / 'logs'}", err=True)
     fed = Federation(run_dir / "logs", {"SPLITFED_REDIS_URL": url, "SPLITFED_RUN_ID": run_id,
                                          "SPLITFED_KEY_PREFIX": key_prefix, **cfg.model_env()})
-    status = "failed"
+    status, not_exited = "failed", []
     try:
         data = write_silo_data(run_dir, cfg)
         keys_env = make_throwaway_keys(run_dir, cfg, registry)
-        for role, extra in [*make_curve_certificates(run_dir, cfg).items(), *armed_env(faults).items()]:
+        for role, extra in [*make_curve_certificates(run_dir, cfg).items(), *armed_env(faults).items(),
+                            *cfg.role_envs().items()]:
             keys_env[role] = {**keys_env.get(role, {}), **extra}
         launch(fed, cfg, tuple(free_ports(2)), data, run_dir, keys_env)
-        supervise(fed, cfg, registry, FaultInjector(faults, fed, private_redis, cfg.silo_ids))
+        not_exited = supervise(fed, cfg, registry, FaultInjector(faults, fed, private_redis, cfg.silo_ids))
         status = "finished"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -98,11 +101,13 @@ def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: flo
     result["trunk_peak_rss_mb"] = trunk_peak_rss_mb
     result["trunk_recomputed_steps"] = trunk_recomputed  # --recompute-forward: forwards run twice
     result["faults"] = [f.as_dict() for f in faults]
+    result["servers_stopped_by_signal"] = not_exited  # [] when broker and workers exited by themselves (--burst)
     return result, rows
 
 
-def supervise(fed: Federation, cfg: DemoConfig, registry: Registry, faults: FaultInjector | None = None) -> None:
-    """Wait for every silo to finish; if any role dies (other than by fault injection), stop and show why."""
+def supervise(fed: Federation, cfg: DemoConfig, registry: Registry, faults: FaultInjector | None = None) -> list[str]:
+    """Wait for every silo to finish; if any role dies (other than by fault injection), stop and show why.
+    Returns the servers that did not exit by themselves after the silos (--burst) and had to be stopped."""
     faults = faults or FaultInjector([], fed, None, cfg.silo_ids)
     progress = Progress(registry, cfg)
     try:
@@ -120,7 +125,22 @@ def supervise(fed: Federation, cfg: DemoConfig, registry: Registry, faults: Faul
                 name, code = next(iter(failed.items()))
                 raise RoleFailed(f"{name} exited with code {code}; last lines of its log:\n{fed.tail(name)}")
             if all(s in fed.exited() for s in cfg.silo_ids):
-                return
+                return wait_for_servers(fed, ["broker", *cfg.worker_ids])
             time.sleep(0.05 if faults.faults else 0.5)
     finally:
         progress.done()
+
+
+def wait_for_servers(fed: Federation, names: list[str], timeout_s: float = 30.0) -> list[str]:
+    """The broker and workers run with --burst: once the silos are done they exit 0 by themselves
+    (the demo's final fed.stop() only SIGTERMs what is still up after this wait, and says so)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not all(n in fed.exited() for n in names):
+        time.sleep(0.1)
+    if still := [n for n in names if n not in fed.exited()]:
+        click.echo(f"{', '.join(still)} still running {timeout_s:.0f}s after the silos finished: stopping them", err=True)
+        return still
+    if failed := {n: c for n, c in fed.exited().items() if n in names and c != 0}:
+        name, code = next(iter(failed.items()))
+        raise RoleFailed(f"{name} exited with code {code} after the run; last lines of its log:\n{fed.tail(name)}")
+    return []

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.registry import Registry
+from shared.run_config import meta_fields
 from splitfed.demo.federation_run import (
     RUN_TTL_S,
     DemoConfig,
@@ -58,7 +59,7 @@ def run_federation(preset: Preset, model: str, silo_paths: list[Path], run_dir: 
     registry = Registry(url, key_prefix, run_id)
     registry.create_run({"mode": cfg.mode, "silos": ",".join(cfg.silo_ids), "steps": cfg.steps,
                          "local_steps": cfg.local_steps, "model": model, "adapter": cfg.adapter,
-                         "status": "running", "experiment": "bbc"})
+                         "status": "running", "experiment": "bbc", **meta_fields(cfg.run_config())})
     fed = Federation(run_dir / "logs", {"SPLITFED_REDIS_URL": url, "SPLITFED_RUN_ID": run_id,
                                          "SPLITFED_KEY_PREFIX": key_prefix, **cfg.model_env()})
     weights = run_dir / "weights"
