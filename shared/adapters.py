@@ -63,6 +63,10 @@ def apply_adapter(module: nn.Module, cfg: AdapterConfig, seed: int) -> list[nn.P
     """
     facts = facts_for(module.config)
     module.requires_grad_(False)
+    compute_dtype = next(module.parameters()).dtype
+    if cfg.kind == "full" and compute_dtype != torch.float32:
+        raise ValueError(f"full fine-tuning in {compute_dtype} would keep AdamW's state and updates in that dtype "
+                         "(no fp32 master weights): use --adapter lora or prefix, or --dtype fp32")
     if cfg.kind == "full":
         module.requires_grad_(True)
     elif cfg.kind == "lora":
@@ -85,6 +89,9 @@ def apply_adapter(module: nn.Module, cfg: AdapterConfig, seed: int) -> list[nn.P
                     p.zero_()
                 else:
                     continue
+                # fp32 whatever the model's dtype: the adapter is its own master copy (AdamW state
+                # and updates in fp32); peft casts the input to it and the output back.
+                p.data = p.data.float()
                 p.requires_grad_(True)
     elif cfg.kind == "prefix":
         kv_heads, head_dim = facts.kv_shape(module.config)
@@ -94,7 +101,8 @@ def apply_adapter(module: nn.Module, cfg: AdapterConfig, seed: int) -> list[nn.P
             for attr in (PREFIX_KEY, PREFIX_VALUE):
                 name = f"{layers_prefix}.{idx}.{attr}"
                 init = torch.randn(kv_heads, cfg.prefix_len, head_dim, generator=_generator(seed, name))
-                init = (init * cfg.prefix_init_std).to(device=ref.device, dtype=ref.dtype)
+                # fp32 master copy; prefix_cache casts it to the layer's dtype (autograd goes through)
+                init = (init * cfg.prefix_init_std).to(device=ref.device, dtype=torch.float32)
                 layer.register_parameter(attr, nn.Parameter(init))
     else:  # pragma: no cover - pydantic guards the literal
         raise ValueError(f"unknown adapter kind {cfg.kind!r}")
@@ -160,6 +168,8 @@ def prefix_cache(layers: dict[int, nn.Module], batch: int) -> DynamicCache:
     for idx in sorted(layers):
         layer = layers[idx]
         key, value = getattr(layer, PREFIX_KEY), getattr(layer, PREFIX_VALUE)
+        dtype = next(p for n, p in layer.named_parameters() if n not in (PREFIX_KEY, PREFIX_VALUE)).dtype
+        key, value = key.to(dtype), value.to(dtype)
         # [kv_heads, P, head_dim] -> [B, kv_heads, P, head_dim]
         cache.update(key.expand(batch, *key.shape), value.expand(batch, *value.shape), idx)
     return cache

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -145,9 +146,15 @@ class _Part(nn.Module):
         if "sliding_attention" in self._types.values():
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         layer_kwargs = {"position_ids": position_ids, CACHE_ARG: cache}
+        rotary = {}  # per layer type: Gemma 3's local and global layers rotate with other bases
         if self.facts.rotary:
-            layer_kwargs["position_embeddings"] = self.get_submodule(self.facts.rotary)(hidden, position_ids)
+            rotary_emb = self.get_submodule(self.facts.rotary)
+            for kind in set(self._types.values()):
+                args = (kind,) if self.facts.rotary_per_layer_type else ()
+                rotary[kind] = rotary_emb(hidden, position_ids, *args)
         for i, layer in layers.items():
+            if rotary:
+                layer_kwargs["position_embeddings"] = rotary[self._types[i]]
             hidden = layer(hidden, attention_mask=masks[self._types[i]], **layer_kwargs)
         return hidden
 
@@ -158,6 +165,8 @@ class HeadPart(_Part):
     def forward(self, input_ids, attention_mask, position_ids, cache=None):
         layers, p, attention_mask, position_ids = self._wire_inputs(attention_mask, position_ids)
         hidden = self.get_submodule(self.facts.embed)(input_ids)
+        if self.facts.embed_scale is not None:
+            hidden = hidden * self.facts.embed_scale(self.config)
         if self.facts.pos_embed:
             hidden = hidden + self.get_submodule(self.facts.pos_embed)(position_ids)
         if self.facts.embed_dropout:
@@ -180,7 +189,8 @@ class TailPart(_Part):
         layers, p, attention_mask, position_ids = self._wire_inputs(attention_mask, position_ids)
         hidden = self._run_layers(hidden, layers, p, attention_mask, position_ids, cache)
         hidden = self.get_submodule(self.facts.final_norm)(hidden)
-        return self.get_submodule(self.facts.lm_head)(hidden)
+        logits = self.get_submodule(self.facts.lm_head)(hidden)
+        return logits if self.facts.logits_hook is None else self.facts.logits_hook(logits, self.config)
 
 
 _PART_CLASSES = {"head": HeadPart, "trunk": TrunkPart, "tail": TailPart}
@@ -226,32 +236,45 @@ def _load_owned(part: _Part, model_dir: Path, dtype: torch.dtype, device) -> lis
     """Read exactly the part's tensors from the checkpoint and assign them (part is on meta)."""
     facts, config = part.facts, part.config
     where = _checkpoint_index(model_dir)
-    wanted = {}  # param name -> checkpoint key
+    files: dict[Path, object] = {}
+    read_keys: set[str] = set()
+
+    def read(key: str) -> torch.Tensor:
+        if key not in where:
+            raise KeyError(f"{key!r} not found in the checkpoint at {model_dir}")
+        if where[key] not in files:
+            files[where[key]] = safe_open(where[key], framework="pt", device=str(device))
+        read_keys.add(key)
+        return files[where[key]].get_tensor(key)
+
+    sd = {}
     for name in part.state_dict():
         key = name
         if key not in where and name == f"{facts.lm_head}.weight" and config.tie_word_embeddings:
             # measured: save_pretrained (5.23) writes only the embedding when weights are tied
             key = f"{facts.embed}.weight"
-        if key not in where:
-            raise KeyError(f"{key!r} not found in the checkpoint at {model_dir}")
-        wanted[name] = key
-    by_file: dict[Path, list[str]] = {}
-    for name, key in wanted.items():
-        by_file.setdefault(where[key], []).append(name)
-    sd = {}
-    for f, names in by_file.items():
-        with safe_open(f, framework="pt", device=str(device)) as st:
-            for name in names:
-                t = st.get_tensor(wanted[name])
-                sd[name] = t.to(dtype) if t.is_floating_point() else t
+        t = None
+        if key not in where and facts.load_hook is not None:
+            t = facts.load_hook(name, read, config)  # a family whose checkpoint layout differs (MoE)
+        if t is None:
+            t = read(key)
+        sd[name] = t.to(dtype) if t.is_floating_point() else t
     part.load_state_dict(sd, strict=True, assign=True)
-    return sorted(set(wanted.values()))
+    return sorted(read_keys)
+
+
+def attention_for(config: PreTrainedConfig, requested: str) -> str:
+    """The attention implementation to build with: the family's own when it has no SDPA kernel."""
+    return facts_for(config).attn_implementation or requested
 
 
 def _skeleton(config: PreTrainedConfig, dtype: torch.dtype, attn_implementation: str) -> nn.Module:
-    # On meta: no memory, no init work; only the modules a part owns get real tensors later.
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    # Parameters on meta: no memory, no init work; only the modules a part owns get real weights
+    # later. Buffers are real: computed ones (rotary inv_freq, Gemma's embedding scale) are not in
+    # the checkpoint, and a meta copy would fail or read garbage.
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                attn_implementation=attention_for(config, attn_implementation))
 
 
 def build_part(
@@ -282,12 +305,10 @@ def build_part(
     if part == "tail":
         _attach(out, facts.final_norm, full.get_submodule(facts.final_norm))
         _attach(out, facts.lm_head, full.get_submodule(facts.lm_head))
+    if facts.rotary:  # no parameters: every part keeps its own copy
+        _attach(out, facts.rotary, full.get_submodule(facts.rotary))
     out.loaded_keys = _load_owned(out, model_dir, dtype, device)
-    if facts.rotary:
-        # Built for real after loading: its inv_freq buffers are computed, not in the checkpoint
-        # (the meta skeleton's copy holds meta buffers: using it would fail or read garbage).
-        rotary_cls = type(full.get_submodule(facts.rotary))
-        _attach(out, facts.rotary, rotary_cls(config=full.config).to(device))
+    out.to(device)  # the computed buffers (the weights are already there)
     _dropout_off(out)
     left_on_meta = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t.is_meta]
     if left_on_meta:
@@ -322,7 +343,7 @@ def build_full_model(
     """The plain unsplit model (dropout off), for references and centralized checks."""
     config = load_config(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, config=config, dtype=dtype, attn_implementation=attn_implementation
+        model_dir, config=config, dtype=dtype, attn_implementation=attention_for(config, attn_implementation)
     )
     _dropout_off(model)
     return model
@@ -350,10 +371,36 @@ def _tiny_config(family: str, hidden_size: int, num_layers: int, vocab_size: int
         special = dict(bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
         kw = dict(common, max_position_embeddings=128, **special)
         cls = GPT2Config
+    elif family in _TINY_EXTRAS:
+        from transformers import AutoConfig
+
+        # token ids inside the tiny vocabulary (several families default to ids above 100k)
+        kw = dict(rotary, head_dim=hidden_size // 4, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                  **_TINY_EXTRAS[family])
+        kw.update(overrides)
+        return AutoConfig.for_model(family, **kw)
     else:
         raise ValueError(f"no tiny config for family {family!r}")
     kw.update(overrides)
     return cls(**kw)
+
+
+# What makes each family's tiny model exercise its own features (MoE routing with 4 experts,
+# sliding windows that cut a 12-token batch, soft-capping that bites, Granite's multipliers).
+_TINY_EXTRAS: dict[str, dict] = {
+    "qwen3": {},
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "phi3": {},
+    "olmo2": {},
+    "smollm3": {},  # no rotary in every 4th layer (the config's default no_rope_layers)
+    "glm4": {},  # partial rotary (half of each head)
+    "granite": dict(embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22, attention_multiplier=0.1),
+    "gemma2": dict(sliding_window=4, final_logit_softcapping=3.0, attn_logit_softcapping=5.0,
+                   query_pre_attn_scalar=16),
+    "gemma3_text": dict(sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                        final_logit_softcapping=3.0, rope_local_base_freq=100.0, query_pre_attn_scalar=16),
+}
 
 
 def make_tiny_model_dir(

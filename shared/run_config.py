@@ -34,7 +34,7 @@ from typing import Any
 # The settings every role that has them must agree on. A future run-wide setting (a compute
 # `dtype`, say) joins the digest and every check by being added here.
 RUN_CONFIG_FIELDS = ("model", "head_layers", "tail_layers", "adapter", "lora_r", "lora_alpha", "prefix_len", "seed",
-                     "wire_dtype", "encryption", "cipher", "mode")
+                     "wire_dtype", "dtype", "encryption", "cipher", "mode")
 # Model settings that each part applies to its own weights only: they may differ between roles.
 LOCAL_FIELDS = ("lora_init_b", "lr", "weight_decay", "keys_dir", "curve_broker_key", "checkpoint_dir")
 

@@ -39,7 +39,7 @@ class CommonSettings(BaseSettings):
 class ModelSettings(CommonSettings):
     """What is trained and how: must be identical on the silos and the trunk of one run."""
 
-    model: str = Field("smollm2", description="'smollm2', 'tiny' (a tiny Llama cached locally) or a model directory")
+    model: str = Field("smollm2", description="'smollm2', 'gemma3' (Gemma 3 270M), 'tiny' (a tiny Llama cached locally) or a model directory")
     head_layers: int = Field(1, ge=1, description="decoder blocks kept on the silo after the embeddings")
     tail_layers: int = Field(1, ge=1, description="decoder blocks kept on the silo before the final norm")
     adapter: Literal["lora", "prefix", "full"] = Field("lora", description="what trains: LoRA, P-Tuning v2 prefixes, or full")
@@ -51,6 +51,8 @@ class ModelSettings(CommonSettings):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     seed: int = Field(0, ge=0, description="seed of adapter initialisation and data order")
     wire_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of activations/gradients on the wire")
+    dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="compute dtype of the model's weights and "
+                                                   "activations (adapters and optimizer state stay fp32: master weights)")
 
     def adapter_config(self):
         from shared.adapters import AdapterConfig  # imported here: settings stay cheap to import

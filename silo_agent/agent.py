@@ -69,7 +69,8 @@ class SiloAgent:
         self.dataset = SiloDataset(
             load_jsonl(settings.data), tokenizer, settings.batch_size, settings.max_length, settings.seed, settings.silo_index
         )
-        self.head, self.tail = build_silo_parts(model_dir, settings.head_layers, settings.tail_layers)
+        self.head, self.tail = build_silo_parts(model_dir, settings.head_layers, settings.tail_layers,
+                                                dtype=WIRE_DTYPE_BY_NAME[settings.dtype])
         cfg = settings.adapter_config()
         trainable = unique_parameters(apply_adapter(self.head, cfg, settings.seed), apply_adapter(self.tail, cfg, settings.seed))
         self.optimizer = make_optimizer(trainable, settings.lr, settings.weight_decay)

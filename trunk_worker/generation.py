@@ -41,9 +41,9 @@ class _Generation:
 
 class TrunkGenerations:
     def __init__(self, trunk: TrunkPart, device: torch.device, wire_dtype: torch.dtype, max_sessions: int = 8,
-                 max_tokens: int = 4096, idle_s: float = 120.0) -> None:
+                 max_tokens: int = 4096, idle_s: float = 120.0, compute_dtype: torch.dtype = torch.float32) -> None:
         self.trunk, self.device, self.wire_dtype = trunk, device, wire_dtype
-        self.compute_dtype = next(trunk.parameters()).dtype
+        self.compute_dtype = compute_dtype  # the base's dtype (adapters are fp32 whatever it is)
         self.max_sessions, self.max_tokens, self.idle_s = max_sessions, max_tokens, idle_s
         self.active: OrderedDict[str, _Generation] = OrderedDict()
 

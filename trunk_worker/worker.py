@@ -63,10 +63,11 @@ class TrunkWorker:
         self.registry = registry
         self.device = torch.device(settings.device)
         self.wire_dtype = WIRE_DTYPE_BY_NAME[settings.wire_dtype]
-        self.trunk = build_part(model_dir, "trunk", settings.head_layers, settings.tail_layers).to(self.device)
+        self.trunk = build_part(model_dir, "trunk", settings.head_layers, settings.tail_layers,
+                                dtype=WIRE_DTYPE_BY_NAME[settings.dtype], device=self.device)
         self.trainable = apply_adapter(self.trunk, settings.adapter_config(), settings.seed)
         self.hidden_size = self.trunk.config.hidden_size
-        self.compute_dtype = next(self.trunk.parameters()).dtype
+        self.compute_dtype = WIRE_DTYPE_BY_NAME[settings.dtype]  # the base's (adapters are fp32 masters)
         self.adapters: SiloAdapters | None = None
         self.batches: BatchSteps | None = None
         if settings.mode == "hierarchical":
@@ -78,7 +79,7 @@ class TrunkWorker:
             self.optimizer = make_optimizer(self.trainable, settings.lr, settings.weight_decay)
         if settings.mode == "client-batch":
             self.batches = BatchSteps(self.trunk, self.device, self.compute_dtype, settings.straggler_timeout_s)
-        self.generations = TrunkGenerations(self.trunk, self.device, self.wire_dtype)
+        self.generations = TrunkGenerations(self.trunk, self.device, self.wire_dtype, compute_dtype=self.compute_dtype)
         self.pending = PendingGraphs(settings.max_pending)
         self.updates = 0
         self.recomputed_steps = 0  # forwards kept as inputs only (--recompute-forward)

@@ -23,13 +23,15 @@ from splitfed.demo.weights_check import WeightsMismatch, load_run_weights, max_a
 @click.option("--silos", type=click.IntRange(1, 64), default=2, show_default=True, help="number of silo agents")
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="training steps per silo")
 @click.option("--local-steps", type=click.IntRange(1), default=10, show_default=True, help="steps per round (K)")
-@click.option("--model", default="smollm2", show_default=True, help="'smollm2', 'tiny' or a model directory")
+@click.option("--model", default="smollm2", show_default=True, help="'smollm2', 'gemma3' (Gemma 3 270M), 'tiny' or a model directory")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--max-length", type=click.IntRange(8), default=128, show_default=True)
 @click.option("--adapter", type=click.Choice(["lora", "prefix", "full"]), default="lora", show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--wire-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="compute dtype of every role's weights and activations (LoRA/prefix and AdamW state stay fp32)")
 @click.option("--encryption/--no-encryption", default=True, show_default=True,
               help="seal every tensor end to end (throwaway keys are generated and enrolled for the run)")
 @click.option("--curve", is_flag=True, help="also CurveZMQ on every socket, with a ZAP allow-list at the broker")
@@ -71,6 +73,10 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
         raise click.UsageError(str(exc)) from None
     if cfg.mode == "hierarchical" and cfg.adapter == "full":
         raise click.UsageError("--mode hierarchical keeps one trunk adapter per silo: use --adapter lora or prefix")
+    if cfg.dtype != "fp32" and cfg.adapter == "full":
+        raise click.UsageError(f"--adapter full trains in fp32 only (no master weights for {cfg.dtype}): use lora or prefix")
+    if cfg.dtype != "fp32" and check_centralized:
+        raise click.UsageError("--check-centralized compares to 1e-5 in fp32: run it with --dtype fp32")
     if cfg.workers > 1 and cfg.mode != "hierarchical":
         raise click.UsageError("--workers > 1 needs --mode hierarchical (serial and client-batch share one trunk adapter)")
     started = time.perf_counter()

@@ -29,6 +29,7 @@ class DemoConfig:
     adapter: str = "lora"
     lr: float = 1e-3
     wire_dtype: str = "fp32"
+    dtype: str = "fp32"
     head_layers: int = 1
     tail_layers: int = 1
     step_timeout_s: float = 300.0
@@ -51,6 +52,7 @@ class DemoConfig:
         return {
             "SPLITFED_MODEL": self.model, "SPLITFED_SEED": str(self.seed), "SPLITFED_ADAPTER": self.adapter,
             "SPLITFED_LR": repr(self.lr), "SPLITFED_WIRE_DTYPE": self.wire_dtype,
+            "SPLITFED_DTYPE": self.dtype,
             "SPLITFED_HEAD_LAYERS": str(self.head_layers), "SPLITFED_TAIL_LAYERS": str(self.tail_layers),
             "SPLITFED_ENCRYPTION": str(self.encryption).lower(),  # broker: signed registration
             **self.extra_env,
