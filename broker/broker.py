@@ -32,7 +32,7 @@ from broker.trunk_rounds import TrunkRounds
 from shared import failpoints
 from shared import keys as keystore
 from shared.metrics import RoleMetrics
-from shared.protocol import GENERATION_KINDS, Kind
+from shared.protocol import BEACON_SUFFIX, GENERATION_KINDS, Kind
 from shared.registration import verify_registration
 from shared.registry import Heartbeat, Registry, retry_redis
 from shared.run_config import describe, differences, parse_claim, run_config
@@ -310,6 +310,8 @@ class Broker:
                 for hello in self.latest_hello.values():
                     self._route(self.backend, identity, hello)
             return
+        if identity.endswith(BEACON_SUFFIX.encode()):  # a worker's liveness beacon (trunk_worker/beacon.py)
+            return self._beacon(identity, header)
         sender = next((w.worker_id for w in self.workers.values() if w.identity == identity), None)
         if sender is None and header.kind == Kind.HEARTBEAT:
             back = next((w for w in self.purged.values() if w.identity == identity), None)
@@ -451,6 +453,23 @@ class Broker:
         # loop, so silence past liveness_ttl_s means it is dead (or stuck in one step that long).
         for worker_id in [w for w in self.workers if now - self.worker_seen.get(w, now) > self.settings.liveness_ttl_s]:
             self._purge_worker(worker_id)
+
+    def _beacon(self, identity: bytes, header: Header) -> None:
+        """A worker's beacon beats from its own thread while the worker may be busy in a step:
+        proof of life for the worker it names, if that worker's connection is the beacon's twin."""
+        main_identity = identity[: -len(BEACON_SUFFIX)]
+        if header.kind != Kind.HEARTBEAT:
+            self.writes.count_rejected("unexpected_kind")
+            return
+        worker = self.workers.get(header.silo_id)
+        if worker is None:
+            worker = self.purged.get(header.silo_id)
+            if worker is None or worker.identity != main_identity:
+                return  # not registered: its own connection's heartbeat gets it registered
+            log.warning("trunk worker %s is alive again (its beacon beats): readmitted", worker.worker_id)
+            self.workers[worker.worker_id] = self.purged.pop(worker.worker_id)
+        if worker.identity == main_identity:
+            self.worker_seen[worker.worker_id] = time.monotonic()
 
     def _heartbeat_peers(self) -> None:
         """Tell every registered silo and worker the broker is alive: a peer that hears nothing for

@@ -139,3 +139,7 @@ ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in TORCH_DTYPE.i
 FLOAT_WIRE_DTYPES = frozenset({WireDtype.FLOAT32, WireDtype.BFLOAT16, WireDtype.FLOAT16})
 
 WIRE_DTYPE_BY_NAME = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# A trunk worker also heartbeats from a thread of its own, on a second connection whose identity is
+# its worker id + this suffix (trunk_worker/beacon.py): a worker busy in a long step stays alive.
+BEACON_SUFFIX = "/beacon"

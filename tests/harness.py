@@ -52,6 +52,7 @@ from shared.settings import BrokerSettings, SiloSettings, TrunkSettings
 from shared.transport import client_socket
 from shared.wire import FrameError, Message, header_from_wire
 from silo_agent.agent import Reregister, Rollback, SiloAgent
+from trunk_worker.beacon import Beacon
 from trunk_worker.worker import TrunkWorker
 
 RUN = "recovery"
@@ -189,6 +190,13 @@ class HarnessWorker(TrunkWorker):
         self.bundles.append({"step": bundle.members[0].step, "members": sorted(bundle.silos),
                              "gradients": sorted(bundle.grads)})
         super()._finish_bundle(bundle)
+
+    def _start_beacon(self) -> Beacon:
+        """The worker's beacon thread goes quiet while a Gate holds the worker, as a stopped process's would."""
+        frozen = self.registry.frozen
+        beacon = Beacon(self.ctx, self.settings)
+        beacon.beating = lambda: not frozen.is_set()
+        return beacon.start()
 
     def _pass_gates(self, at: str, kind: Kind, step: int) -> bool:
         return all(g.hold(self) for g in self.gates if g.matches(at, kind, step))

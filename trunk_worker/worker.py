@@ -37,6 +37,7 @@ from shared.step_timeline import StepTimeline
 from shared.transport import client_socket
 from shared.wire import FrameError, Message, bundle_from_wire, header_from_wire
 from trunk_worker.batch_step import BatchSteps
+from trunk_worker.beacon import Beacon
 from trunk_worker.checkpointing import load_trunk, save_trunk
 from trunk_worker.generation import GenerationError, TrunkGenerations
 from trunk_worker.pending_graphs import PendingGraphs
@@ -125,6 +126,7 @@ class TrunkWorker:
         self.registry.join("trunk", s.worker_id, device=str(self.device), adapter=s.adapter)
         heartbeat = Heartbeat(self.registry, "trunk", s.worker_id, s.heartbeat_s, s.liveness_ttl_s,
                               status_fn=lambda: {"updates": self.updates, "pending": len(self.pending)}).start()
+        beacon = self._start_beacon()  # liveness for the broker, also while a step computes
         if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
             signal.signal(signal.SIGTERM, self._on_sigterm)
         if s.checkpoint_dir is not None and not checkpoint.rounds_on_disk(self._checkpoints):
@@ -156,6 +158,7 @@ class TrunkWorker:
                         self._finish_bundle(bundle)
         finally:
             heartbeat.stop()
+            beacon.stop()
             if s.save_dir is not None:
                 self._save_adapters(s.save_dir)
             crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
@@ -167,6 +170,9 @@ class TrunkWorker:
             self.sock.close()
         log.info("trunk worker stopped after %d updates", self.updates)
         return 0
+
+    def _start_beacon(self) -> Beacon:
+        return Beacon(self.ctx, self.settings).start()
 
     def _broker_silence(self) -> None:
         """Say once that the broker looks down. ZeroMQ reconnects by itself with back-off, and a
