@@ -77,6 +77,7 @@ class SiloAgent:
         self.trainable = trainable
         self.history: list[dict] = []
         self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
+        self._hello_ns = 0  # the signed timestamp of this process's last hello
         self.run_config = run_config(settings)  # claimed in READY and HELLO (shared/run_config.py)
         defense = {"clip_norm": settings.cut_clip_norm, "sigma": settings.cut_noise_sigma}
         if settings.cut_noise_seed is not None:
@@ -113,7 +114,7 @@ class SiloAgent:
         s = self.settings
         # The trunk accepts only hellos signed later than the last one it accepted: keep this
         # process's timestamps strictly increasing even if the wall clock steps back.
-        self._hello_ns = max(time.time_ns(), getattr(self, "_hello_ns", 0) + 1)
+        self._hello_ns = max(time.time_ns(), self._hello_ns + 1)
         # The run config's digest is signed into the hello, so the trunk checks our settings itself.
         hello, pending = make_hello(self.keys, s.silo_id, s.run_id, rnd, cipher=s.cipher, now_ns=self._hello_ns,
                                     max_tensor_bytes=s.max_tensor_bytes, config_digest=config_digest(self.run_config))

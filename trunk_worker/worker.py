@@ -96,6 +96,7 @@ class TrunkWorker:
         self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
         self.run_config = run_config(settings)  # what READY claims and silos' HELLOs must agree with
         self._stopping = False
+        self._sigterms = 0
         self.metrics = RoleMetrics("trunk", settings.worker_id, settings.metrics_port, settings.metrics_addr)
         self.keys = None
         self.codec = self._make_codec(settings, registry)
@@ -480,7 +481,7 @@ class TrunkWorker:
     def _on_sigterm(self, *_: object) -> None:
         """First SIGTERM: stop after the message in hand. Second: stop now. (Counted apart from
         _stopping: a --burst worker already stopping at the run's end is not on its second SIGTERM.)"""
-        self._sigterms = getattr(self, "_sigterms", 0) + 1
+        self._sigterms += 1
         if self._sigterms > 1:
             raise SystemExit(143)
         self._stopping = True
