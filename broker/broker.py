@@ -310,17 +310,15 @@ class Broker:
                 for hello in self.latest_hello.values():
                     self._route(self.backend, identity, hello)
             return
-        if identity.endswith(BEACON_SUFFIX.encode()):  # a worker's liveness beacon (trunk_worker/beacon.py)
-            return self._beacon(identity, header)
-        sender = next((w.worker_id for w in self.workers.values() if w.identity == identity), None)
-        if sender is None and header.kind == Kind.HEARTBEAT:
-            back = next((w for w in self.purged.values() if w.identity == identity), None)
-            if back is not None:  # it was only slow (e.g. a starved CPU): its heartbeat is back
-                log.warning("trunk worker %s is alive again: readmitted", back.worker_id)
-                self.workers[back.worker_id] = self.purged.pop(back.worker_id)
-                sender = back.worker_id
-        if sender is not None:
-            self.worker_seen[sender] = time.monotonic()
+        if identity.endswith(BEACON_SUFFIX.encode()):
+            # A worker's liveness beacon (trunk_worker/beacon.py): proof of life for the worker on
+            # the twin connection, also while that worker is busy in a step.
+            if header.kind != Kind.HEARTBEAT:
+                self.writes.count_rejected("unexpected_kind")
+            else:
+                self._alive(identity[: -len(BEACON_SUFFIX)], readmit=True)
+            return
+        sender = self._alive(identity, readmit=header.kind == Kind.HEARTBEAT)
         if sender in self.rolling_back and header.kind != Kind.HEARTBEAT:
             self.writes.count_rejected("stale_after_rollback")
             return
@@ -454,22 +452,19 @@ class Broker:
         for worker_id in [w for w in self.workers if now - self.worker_seen.get(w, now) > self.settings.liveness_ttl_s]:
             self._purge_worker(worker_id)
 
-    def _beacon(self, identity: bytes, header: Header) -> None:
-        """A worker's beacon beats from its own thread while the worker may be busy in a step:
-        proof of life for the worker it names, if that worker's connection is the beacon's twin."""
-        main_identity = identity[: -len(BEACON_SUFFIX)]
-        if header.kind != Kind.HEARTBEAT:
-            self.writes.count_rejected("unexpected_kind")
-            return
-        worker = self.workers.get(header.silo_id)
+    def _alive(self, identity: bytes, readmit: bool) -> str | None:
+        """The worker on connection ``identity``, seen alive now (its loop or its beacon beats).
+        With ``readmit`` a purged one comes back: it was only slow (e.g. a starved CPU)."""
+        worker = next((w for w in self.workers.values() if w.identity == identity), None)
+        if worker is None and readmit:
+            worker = next((w for w in self.purged.values() if w.identity == identity), None)
+            if worker is not None:
+                log.warning("trunk worker %s is alive again: readmitted", worker.worker_id)
+                self.workers[worker.worker_id] = self.purged.pop(worker.worker_id)
         if worker is None:
-            worker = self.purged.get(header.silo_id)
-            if worker is None or worker.identity != main_identity:
-                return  # not registered: its own connection's heartbeat gets it registered
-            log.warning("trunk worker %s is alive again (its beacon beats): readmitted", worker.worker_id)
-            self.workers[worker.worker_id] = self.purged.pop(worker.worker_id)
-        if worker.identity == main_identity:
-            self.worker_seen[worker.worker_id] = time.monotonic()
+            return None
+        self.worker_seen[worker.worker_id] = time.monotonic()
+        return worker.worker_id
 
     def _heartbeat_peers(self) -> None:
         """Tell every registered silo and worker the broker is alive: a peer that hears nothing for

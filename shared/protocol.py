@@ -143,3 +143,5 @@ WIRE_DTYPE_BY_NAME = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": tor
 # A trunk worker also heartbeats from a thread of its own, on a second connection whose identity is
 # its worker id + this suffix (trunk_worker/beacon.py): a worker busy in a long step stays alive.
 BEACON_SUFFIX = "/beacon"
+# Silent broker heartbeats after which a silo or worker says the broker looks down (Paranoid Pirate).
+BROKER_LIVENESS = 3

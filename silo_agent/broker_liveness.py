@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from shared.protocol import BROKER_LIVENESS
 from silo_agent.peer_errors import PeerError
 
 log = logging.getLogger("silo")
-
-BROKER_LIVENESS = 3  # silent heartbeats before the silo says the broker is down
-
 
 class BrokerLiveness:
     """The broker heartbeats every registered silo. Silence is counted only while this silo waits on

@@ -27,7 +27,7 @@ from shared.codec import PlainCodec
 from shared.metrics import RoleMetrics
 from shared.model_split import build_part
 from shared.optim import make_optimizer
-from shared.protocol import GENERATION_KINDS, WIRE_DTYPE_BY_NAME, Kind
+from shared.protocol import BROKER_LIVENESS, GENERATION_KINDS, WIRE_DTYPE_BY_NAME, Kind
 from shared.registry import Heartbeat, Registry, retry_redis
 from shared.run_config import ConfigMismatch, claim_line, config_digest, describe, differences, parse_claim, run_config
 from shared.sealed_codec import SealedCodec
@@ -47,7 +47,6 @@ from trunk_worker.trunk_sync import TrunkSync
 log = logging.getLogger("trunk")
 
 POLL_MS = 100
-BROKER_LIVENESS = 3  # silent broker heartbeats before the worker says the broker looks down
 
 
 class StepError(Exception):
