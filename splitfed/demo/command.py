@@ -23,7 +23,7 @@ from splitfed.demo.weights_check import WeightsMismatch, load_run_weights, max_a
 @click.option("--silos", type=click.IntRange(1, 64), default=2, show_default=True, help="number of silo agents")
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="training steps per silo")
 @click.option("--local-steps", type=click.IntRange(1), default=10, show_default=True, help="steps per round (K)")
-@click.option("--model", default="smollm2", show_default=True, help="'smollm2', 'gemma3' (Gemma 3 270M), 'tiny' or a model directory")
+@click.option("--model", default="smollm2", show_default=True, help="'smollm2', 'gemma3' (Gemma 3 270M), 'qwen2.5-coder-0.5b', 'tiny' or a model directory")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--max-length", type=click.IntRange(8), default=128, show_default=True)
