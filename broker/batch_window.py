@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from shared.protocol import ErrorReason, Reason
+
 
 @dataclass
 class OpenBatch:
@@ -37,12 +39,13 @@ class BatchWindow:
     def waiting(self) -> int:
         return sum(len(b.members) for b in self.open)
 
-    def submit(self, silo: str, step: int, frames: object) -> str | None:
-        """Queue a FORWARD; returns a refusal reason, or None when accepted."""
+    def submit(self, silo: str, step: int, frames: object) -> ErrorReason | None:
+        """Queue a FORWARD; returns why it is refused, or None when accepted."""
         if silo in self.dispatched.get(step, ()) or any(silo in b.members for b in self.open if b.step == step):
-            return f"duplicate FORWARD for step {step}"
+            return ErrorReason.of(Reason.DUPLICATE, f"duplicate FORWARD for step {step}")
         if step in self.expired:
-            return f"straggler: step {step}'s trunk batch left without this silo; rejoin at the next step"
+            return ErrorReason.of(Reason.STRAGGLER, f"step {step}'s trunk batch left without this silo; "
+                                                    "rejoin at the next step")
         batch = next((b for b in self.open if b.step == step and len(b.members) < self.max_silos), None)
         if batch is None:
             batch = OpenBatch(step, time.monotonic())

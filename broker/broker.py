@@ -32,7 +32,7 @@ from broker.trunk_rounds import TrunkRounds
 from shared import failpoints
 from shared import keys as keystore
 from shared.metrics import RoleMetrics
-from shared.protocol import BEACON_SUFFIX, GENERATION_KINDS, Kind
+from shared.protocol import BEACON_SUFFIX, GENERATION_KINDS, ErrorReason, Kind, Reason
 from shared.registration import verify_registration
 from shared.registry import Heartbeat, Registry, retry_redis
 from shared.run_config import describe, differences, parse_claim, run_config
@@ -325,7 +325,7 @@ class Broker:
         if header.kind == Kind.HEARTBEAT:
             if sender is None:
                 self._send(self.backend, identity, Message(Kind.ERROR, self.run_id, header.silo_id,
-                                                           text="register: unknown to this broker"))
+                                                           text=ErrorReason.of(Reason.REGISTER, "unknown to this broker").to_text()))
             return  # liveness: worker_seen, judged by _tick
         if header.kind == Kind.TRUNK_SYNC:
             for w in self.trunk_rounds.relay_targets(header.round, header.silo_id):  # the sender too
@@ -365,9 +365,8 @@ class Broker:
             if not self.scheduler.submit(silo, frames, header.step):
                 self._reject("queue_full", f"too many FORWARDs waiting for {silo}'s turn", self.frontend, identity, header)
         elif self.window is not None:
-            if why := self.window.submit(silo, header.step, frames):
-                reason = "straggler" if why.startswith("straggler") else "duplicate"
-                self._reject(reason, why, self.frontend, identity, header)
+            if refusal := self.window.submit(silo, header.step, frames):
+                self._reject(refusal.name, refusal.detail, self.frontend, identity, header)
         else:
             self.held.append((silo, frames))  # routed at once by _dispatch, to the silo's own worker
 
@@ -512,7 +511,8 @@ class Broker:
             if self.window is not None:
                 for sent in self.window.dispatched.values():
                     sent.discard(silo)
-            self._send_to_silo(silo, Message(Kind.ERROR, self.run_id, silo, text=f"retry: trunk worker {worker_id} lost"))
+            self._send_to_silo(silo, Message(Kind.ERROR, self.run_id, silo,
+                                             text=ErrorReason.of(Reason.RETRY, f"trunk worker {worker_id} lost").to_text()))
         its_silos: set[str] = set()
         if self.assignment is not None:  # its silos move now, so Redis and `splitfed status` say so
             its_silos = set(self.assignment.silos_of(worker_id))
@@ -682,7 +682,8 @@ class Broker:
         log.warning("rejected %s from %s: %s", header.kind.name, header.silo_id, detail,
                     extra={"silo": header.silo_id, "round": header.round, "step": header.step, "reason": reason})
         if sock is not None and identity is not None:
-            msg = Message(Kind.ERROR, self.run_id, header.silo_id, header.round, header.step, text=f"{reason}: {detail}")
+            msg = Message(Kind.ERROR, self.run_id, header.silo_id, header.round, header.step,
+                          text=ErrorReason.of(reason, detail).to_text())
             self._send(sock, identity, msg)
 
 

@@ -6,6 +6,7 @@ One small module so that a reader sees the whole vocabulary of the wire at a gla
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
 import torch
@@ -110,6 +111,51 @@ class Kind(enum.IntEnum):
 
 
 GENERATION_KINDS = frozenset({Kind.GENERATE, Kind.GENERATE_END})  # silo -> trunk, outside the scheduler
+
+
+class Reason(str, enum.Enum):
+    """The ERROR reasons a receiver acts on. Every other reason is a frame-rejection counter name
+    (shared/wire.py FrameError, the trunk's StepError), shown and counted, never acted on."""
+
+    CONFIG_MISMATCH = "config_mismatch"  # the peer's run config differs: stop, say which fields
+    REGISTER = "register"  # the broker does not know the sender: register again
+    STRAGGLER = "straggler"  # client-batch: the step's trunk batch left without this silo
+    RETRY = "retry"  # the step was lost with its trunk worker: send it again
+    DUPLICATE = "duplicate"  # a second FORWARD for a step already queued
+    QUEUE_FULL = "queue_full"
+    WRONG_RUN = "wrong_run"
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorReason:
+    """An ERROR's text, typed: ``name`` (a Reason's value or a counter name) and a free ``detail``.
+
+    On the wire it is "name: detail" (or "name"); to_text and from_text are the one mirrored pair
+    that writes and reads it, so no role matches ERROR text by prefix.
+    """
+
+    name: str
+    detail: str = ""
+
+    @property
+    def code(self) -> Reason | None:
+        """The Reason a receiver acts on, or None for a plain rejection."""
+        try:
+            return Reason(self.name)
+        except ValueError:
+            return None
+
+    def to_text(self) -> str:
+        return f"{self.name}: {self.detail}" if self.detail else self.name
+
+    @classmethod
+    def from_text(cls, text: str | None) -> ErrorReason:
+        name, _, detail = (text or "").partition(": ")
+        return cls(name.strip(), detail)
+
+    @classmethod
+    def of(cls, reason: Reason | str, detail: str = "") -> ErrorReason:
+        return cls(reason.value if isinstance(reason, Reason) else reason, detail)
 
 
 class Flag(enum.IntFlag):

@@ -36,7 +36,7 @@ from shared.loss import causal_lm_loss
 from shared.metrics import RoleMetrics
 from shared.model_split import build_silo_parts, positions_from_mask
 from shared.optim import make_optimizer
-from shared.protocol import WIRE_DTYPE_BY_NAME, Kind
+from shared.protocol import WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
 from shared.registration import sign_registration
 from shared.registry import Heartbeat, Registry
 from shared.run_config import ConfigMismatch, claim_line, config_digest, run_config
@@ -394,13 +394,14 @@ class SiloAgent:
             if msg.kind == Kind.ROLLBACK:
                 raise Rollback(msg.text)
             if msg.kind == Kind.ERROR:
-                if (msg.text or "").startswith("config_mismatch"):  # the broker or the trunk: our settings differ
-                    raise ConfigMismatch(f"refused for a config mismatch: {msg.text.partition(': ')[2]}")
-                if (msg.text or "").startswith("register"):
+                error = ErrorReason.from_text(msg.text)
+                if error.code == Reason.CONFIG_MISMATCH:  # the broker or the trunk: our settings differ
+                    raise ConfigMismatch(f"refused for a config mismatch: {error.detail}")
+                if error.code == Reason.REGISTER:
                     raise Reregister(msg.text)
-                if (msg.text or "").startswith("straggler") and msg.step == step:
+                if error.code == Reason.STRAGGLER and msg.step == step:
                     raise Straggler(msg.text)
-                if (msg.text or "").startswith("retry") and step is not None:
+                if error.code == Reason.RETRY and step is not None:
                     raise Retry(msg.text)
                 raise PeerError(f"step {msg.step} refused: {msg.text}")
             if wanted(msg):

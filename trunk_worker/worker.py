@@ -27,7 +27,7 @@ from shared.codec import PlainCodec
 from shared.metrics import RoleMetrics
 from shared.model_split import build_part
 from shared.optim import make_optimizer
-from shared.protocol import BROKER_LIVENESS, GENERATION_KINDS, WIRE_DTYPE_BY_NAME, Kind
+from shared.protocol import BROKER_LIVENESS, GENERATION_KINDS, WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
 from shared.registry import Heartbeat, Registry, retry_redis
 from shared.run_config import ConfigMismatch, claim_line, config_digest, describe, differences, parse_claim, run_config
 from shared.sealed_codec import SealedCodec
@@ -55,6 +55,7 @@ class StepError(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.detail = detail
 
 
 class TrunkWorker:
@@ -231,9 +232,9 @@ class TrunkWorker:
             elif msg.kind == Kind.ROLLBACK:
                 self.restore(_resume_round(msg.text))
                 self._register()  # the broker counts our frames again once this READY arrives
-            elif msg.kind == Kind.ERROR and (msg.text or "").startswith("config_mismatch"):
+            elif msg.kind == Kind.ERROR and ErrorReason.from_text(msg.text).code == Reason.CONFIG_MISMATCH:
                 raise ConfigMismatch(f"the broker refused this trunk worker: {msg.text}")
-            elif msg.kind == Kind.ERROR and (msg.text or "").startswith("register"):
+            elif msg.kind == Kind.ERROR and ErrorReason.from_text(msg.text).code == Reason.REGISTER:
                 log.warning("the broker does not know us (%s): registering again", msg.text)
                 self._register()
             elif msg.kind == Kind.HEARTBEAT:
@@ -255,16 +256,16 @@ class TrunkWorker:
             self.registry.count_rejected(exc.reason)
             self.metrics.rejected(exc.reason)
             log.warning("rejected: %s", exc, extra={"reason": exc.reason})
-            self._refuse(frames, str(exc))
+            self._refuse(frames, ErrorReason(exc.reason, getattr(exc, "detail", "")))
 
-    def _refuse(self, frames: list, reason: str) -> None:
+    def _refuse(self, frames: list, reason: ErrorReason) -> None:
         """Tell the silo named in the header why (in the clear: an ERROR carries no data)."""
         try:
             h = header_from_wire(frames[0], self.settings.max_tensor_bytes)
         except (FrameError, IndexError):
             return  # nobody to answer
         if h.kind != Kind.ERROR and h.run_id == self.settings.run_id:
-            self._send(Message(Kind.ERROR, h.run_id, h.silo_id, h.round, h.step, text=reason))
+            self._send(Message(Kind.ERROR, h.run_id, h.silo_id, h.round, h.step, text=reason.to_text()))
 
     def hello(self, msg: Message) -> Message | None:
         """A silo's handshake for this round: verify it against the allow-list, keep the session."""
@@ -423,7 +424,8 @@ class TrunkWorker:
             log.warning("straggler: %s step %d sent no gradient within %.0fs; its slice counted as zero",
                         m.silo_id, m.step, self.settings.straggler_timeout_s, extra={"reason": "straggler"})
             self._send(Message(Kind.ERROR, m.run_id, m.silo_id, m.round, m.step,
-                               text=f"straggler: no gradient within {self.settings.straggler_timeout_s:.0f}s"))
+                               text=ErrorReason.of(Reason.STRAGGLER, f"no gradient within "
+                                                   f"{self.settings.straggler_timeout_s:.0f}s").to_text()))
 
     # ------------------------------------------------------------------ hierarchical round end
     def round_end(self, msg: Message) -> None:
