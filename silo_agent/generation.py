@@ -13,10 +13,10 @@ actually sent, so anyone can check that after the prompt one position per token 
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
+from shared.atomic_files import write_bytes_atomic
 from shared.data import load_jsonl
 from shared.generation import Sampling, generate_texts
 from shared.models import resolve_model_dir
@@ -70,7 +70,5 @@ def generate_live(agent, round_no: int) -> None:
     if s.generate_out is not None:
         doc = {"silo_id": s.silo_id, "texts": texts, "batch_size": s.batch_size,
                "hidden_size": agent.head.config.hidden_size, "generations": [t.frames for t in trunks]}
-        tmp = s.generate_out.with_name(s.generate_out.name + ".tmp")
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, s.generate_out)
+        s.generate_out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(s.generate_out, json.dumps(doc, indent=1).encode())
