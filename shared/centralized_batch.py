@@ -14,11 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from shared.adapters import adapter_state_dict, apply_adapter, unique_parameters
 from shared.batching import concat_padded, scatter_grads, take
 from shared.loss import causal_lm_loss
 from shared.model_split import build_part, build_silo_parts, positions_from_mask
 from shared.optim import make_optimizer
+from shared.quantize import quantize_linears
 
 if TYPE_CHECKING:  # shared.centralized imports this module
     from shared.centralized import ReferenceRun
@@ -35,6 +38,7 @@ def centralized_client_batch(model_dir: Path, run, data_paths: list[Path]) -> Re
                    for h, t in parts]
     silo_opts = [make_optimizer(ps, settings.lr, settings.weight_decay) for ps in silo_params]
     trunk = build_part(model_dir, "trunk", settings.head_layers, settings.tail_layers)
+    quantize_linears(trunk, getattr(run, "trunk_quant", "none"), torch.float32, torch.device("cpu"))
     trunk_params = apply_adapter(trunk, cfg, settings.seed)
     trunk_opt = make_optimizer(trunk_params, settings.lr, settings.weight_decay)
     weights = [d.num_examples for d in datasets]

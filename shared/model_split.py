@@ -232,8 +232,12 @@ def _checkpoint_index(model_dir: Path) -> dict[str, Path]:
     return out
 
 
-def _load_owned(part: _Part, model_dir: Path, dtype: torch.dtype, device) -> list[str]:
-    """Read exactly the part's tensors from the checkpoint and assign them (part is on meta)."""
+def _load_owned(part: _Part, model_dir: Path, dtype: torch.dtype, device, on_layer_loaded=None) -> list[str]:
+    """Read exactly the part's tensors from the checkpoint and assign them (part is on meta).
+
+    One block at a time: ``on_layer_loaded(block)`` runs as soon as a block's weights are in (the
+    trunk quantizes it there), so at most one block is ever held in the compute dtype besides the rest.
+    """
     facts, config = part.facts, part.config
     where = _checkpoint_index(model_dir)
     files: dict[Path, object] = {}
@@ -247,8 +251,22 @@ def _load_owned(part: _Part, model_dir: Path, dtype: torch.dtype, device) -> lis
         read_keys.add(key)
         return files[where[key]].get_tensor(key)
 
-    sd = {}
+    groups: dict[int | None, list[str]] = {}
+    layers_prefix = f"{facts.layers}."
     for name in part.state_dict():
+        index = int(name[len(layers_prefix):].split(".")[0]) if name.startswith(layers_prefix) else None
+        groups.setdefault(index, []).append(name)
+    for index, names in groups.items():
+        part.load_state_dict(_read_tensors(names, part, read, where, dtype), strict=False, assign=True)
+        if index is not None and on_layer_loaded is not None:
+            on_layer_loaded(part.get_submodule(f"{facts.layers}.{index}"))
+    return sorted(read_keys)
+
+
+def _read_tensors(names: list[str], part: _Part, read, where: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    facts, config = part.facts, part.config
+    sd = {}
+    for name in names:
         key = name
         if key not in where and name == f"{facts.lm_head}.weight" and config.tie_word_embeddings:
             # measured: save_pretrained (5.23) writes only the embedding when weights are tied
@@ -259,8 +277,7 @@ def _load_owned(part: _Part, model_dir: Path, dtype: torch.dtype, device) -> lis
         if t is None:
             t = read(key)
         sd[name] = t.to(dtype) if t.is_floating_point() else t
-    part.load_state_dict(sd, strict=True, assign=True)
-    return sorted(read_keys)
+    return sd
 
 
 def attention_for(config: PreTrainedConfig, requested: str) -> str:
@@ -285,8 +302,12 @@ def build_part(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     device: str | torch.device = "cpu",
+    on_layer_loaded=None,
 ) -> _Part:
-    """Build one part and load only its weights. `part.loaded_keys` lists the checkpoint keys read."""
+    """Build one part and load only its weights. `part.loaded_keys` lists the checkpoint keys read.
+
+    ``on_layer_loaded(block)``, if given, runs on each decoder block as soon as its weights are in.
+    """
     if part not in _PART_CLASSES:
         raise ValueError(f"part must be one of {PARTS}, got {part!r}")
     model_dir = Path(model_dir)
@@ -307,7 +328,7 @@ def build_part(
         _attach(out, facts.lm_head, full.get_submodule(facts.lm_head))
     if facts.rotary:  # no parameters: every part keeps its own copy
         _attach(out, facts.rotary, full.get_submodule(facts.rotary))
-    out.loaded_keys = _load_owned(out, model_dir, dtype, device)
+    out.loaded_keys = _load_owned(out, model_dir, dtype, device, on_layer_loaded)
     out.to(device)  # the computed buffers (the weights are already there)
     _dropout_off(out)
     left_on_meta = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t.is_meta]

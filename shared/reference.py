@@ -21,6 +21,7 @@ from shared.adapters import (
 )
 from shared.families import facts_for
 from shared.model_split import CACHE_ARG, SplitPlan, build_full_model
+from shared.quantize import quantize_linears
 
 
 class UnsplitModel:
@@ -35,10 +36,14 @@ class UnsplitModel:
         tail_layers: int = 1,
         dtype: torch.dtype = torch.float32,
         attn_implementation: str = "sdpa",
+        trunk_quant: str = "none",
     ):
         self.model = build_full_model(model_dir, dtype=dtype, attn_implementation=attn_implementation)
         self.facts = facts_for(self.model.config)
         self.plan = SplitPlan(self.model.config.num_hidden_layers, head_layers, tail_layers)
+        layers = layers_by_index(self.model)
+        for j in self.plan.trunk_range:  # the same quantized base as a --trunk-quant worker holds
+            quantize_linears(layers[j], trunk_quant, dtype, torch.device("cpu"))
         self.trainable = apply_adapter(self.model, adapter_cfg, seed)
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:

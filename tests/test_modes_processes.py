@@ -36,6 +36,18 @@ def test_client_batch_matches_its_reference(tmp_path, redis_prefix):
     assert sorted({s for s, _ in result["schedule"]}) == ["silo0", "silo1", "silo2", "silo3"]
 
 
+@pytest.mark.parametrize("mode, quant", [("serial", "nf4"), ("client-batch", "int8")])
+def test_a_quantized_trunk_base_matches_its_quantized_reference(tmp_path, redis_prefix, mode, quant):
+    """QLoRA: the trunk worker's blocks in NF4 / int8 (bitsandbytes' CPU backend), LoRA in fp32 on top;
+    the centralized reference quantizes the same blocks the same way, and the run equals it."""
+    result = _demo(tmp_path, redis_prefix, "--mode", mode, "--silos", "2", "--steps", "4", "--local-steps", "2",
+                   "--trunk-quant", quant, "--run-dir", str(tmp_path / "run"))
+    assert len(result["losses"]) == len(result["centralized_losses"]) == 8
+    assert result["max_abs_loss_diff"] <= 1e-5 and result["max_abs_weight_diff"] <= 1e-5
+    trunk_log = (tmp_path / "run" / "logs" / "trunk0.log").read_text()
+    assert f"trunk base quantized to {quant}: 14 linear layers" in trunk_log  # tiny: 2 trunk blocks x 7
+
+
 @pytest.mark.parametrize("workers", ["1", "2"])  # one worker averages alone; two exchange TRUNK_SYNC
 def test_hierarchical_matches_its_fedavg_reference(tmp_path, redis_prefix, workers):
     result = _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "4", "--workers", workers,

@@ -25,7 +25,6 @@ from shared.adapter_files import adapter_metadata, save_adapter_file
 from shared.adapters import adapter_state_dict, apply_adapter
 from shared.codec import PlainCodec
 from shared.metrics import RoleMetrics
-from shared.model_split import build_part
 from shared.optim import make_optimizer
 from shared.protocol import BROKER_LIVENESS, GENERATION_KINDS, WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
 from shared.registry import Heartbeat, Registry, retry_redis
@@ -37,6 +36,7 @@ from shared.step_timeline import StepTimeline
 from shared.transport import client_socket
 from shared.wire import FrameError, Message, bundle_from_wire, header_from_wire
 from trunk_worker.batch_step import BatchSteps
+from trunk_worker.base_model import load_trunk_base
 from trunk_worker.beacon import Beacon
 from trunk_worker.checkpointing import load_trunk, save_trunk
 from trunk_worker.generation import GenerationError, TrunkGenerations
@@ -64,8 +64,7 @@ class TrunkWorker:
         self.registry = registry
         self.device = torch.device(settings.device)
         self.wire_dtype = WIRE_DTYPE_BY_NAME[settings.wire_dtype]
-        self.trunk = build_part(model_dir, "trunk", settings.head_layers, settings.tail_layers,
-                                dtype=WIRE_DTYPE_BY_NAME[settings.dtype], device=self.device)
+        self.trunk = load_trunk_base(model_dir, settings, self.device)
         self.trainable = apply_adapter(self.trunk, settings.adapter_config(), settings.seed)
         self.hidden_size = self.trunk.config.hidden_size
         self.compute_dtype = WIRE_DTYPE_BY_NAME[settings.dtype]  # the base's (adapters are fp32 masters)

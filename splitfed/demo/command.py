@@ -45,6 +45,8 @@ from splitfed.demo.weights_check import WeightsMismatch, load_run_weights, max_a
 @click.option("--recompute-forward", is_flag=True,
               help="trunk keeps only each step's input and runs its forward again at the backward "
                    "(one step's activations at a time however many are open, for one more forward per step)")
+@click.option("--trunk-quant", type=click.Choice(["none", "nf4", "int8"]), default="none", show_default=True,
+              help="trunk base weights in NF4 or int8 (bitsandbytes, QLoRA: the LoRA stays fp32)")
 @click.option("--batch-window-ms", type=click.IntRange(1), default=10000, show_default=True,
               help="client-batch: longest wait for a step's FORWARDs after the first one")
 @click.option("--cut-clip-norm", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -41,6 +41,7 @@ class DemoConfig:
     batch_window_ms: int = 10000
     max_inflight: int = 2
     recompute_forward: bool = False
+    trunk_quant: str = "none"
     cut_clip_norm: float | None = None
     cut_noise_sigma: float = 0.0
     kills: tuple[str, ...] = ()
@@ -165,7 +166,8 @@ def launch_servers(fed, cfg: DemoConfig, ports: tuple[int, int], keys_env: dict[
     for wid in cfg.worker_ids:
         fed.start(wid, ["trunk", "--broker-backend", back, "--worker-id", wid, "--mode", cfg.mode,
                         "--checkpoint-dir", str(run_dir / "checkpoints"), "--save-dir", str(run_dir / "weights"),
-                        "--recompute-forward", str(cfg.recompute_forward).lower(), "--burst", "true"],
+                        "--recompute-forward", str(cfg.recompute_forward).lower(), "--trunk-quant", cfg.trunk_quant,
+                        "--burst", "true"],
                   env=keys_env.get("trunk"))
     return front
 
