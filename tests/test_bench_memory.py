@@ -25,3 +25,23 @@ def test_memory_runs_compare_many_silos_with_one_silo_at_equal_steps(tmp_path, r
         two["trunk_peak_rss_mb"] / rows[1, 2 * STEPS_PER_SILO]["trunk_peak_rss_mb"], 3)
     # a second copy of the tiny trunk would show in the estimate, not in the measured peak
     assert out["copy_per_silo_estimate_mb"][2] > out["copy_per_silo_estimate_mb"][1]
+
+
+def test_bench_memory_measures_each_role_in_its_own_process(tmp_path, monkeypatch):
+    """`splitfed bench memory` on the tiny model: a row per role, the silo holding exactly the
+    embedding, its head and tail blocks, the final norm and the (tied) LM head, the trunk only its
+    middle blocks; peaks above the post-import baseline."""
+    from splitfed.bench.memory import measure
+
+    monkeypatch.setenv("SPLITFED_CACHE_DIR", str(tmp_path / "cache"))
+    out = measure(["tiny"], ["bf16"], head_layers=2, tail_layers=1, batch=2, seq=16)
+    rows = {r["role"]: r for r in out["rows"]}
+    assert set(rows) == {"silo", "trunk"}
+    silo, trunk = rows["silo"], rows["trunk"]
+    assert silo["holds"] == {"blocks": [0, 1, 3], "modules": ["lm_head", "model.embed_tokens", "model.norm"]}
+    assert trunk["holds"] == {"blocks": [2], "modules": []}
+    # every frozen weight of the model is on exactly one side (the tied head counted once)
+    assert silo["params"] + trunk["params"] == silo["model_params_total"]
+    for row in rows.values():
+        assert row["peak_rss_mb"] >= row["loaded_rss_mb"] > row["baseline_rss_mb"] > 50
+        assert row["trainable_params"] > 0 and row["dtype"] == "bf16"

@@ -20,7 +20,8 @@ CRYPTO_SHARE_TARGET = 0.02
 class _LazyBenchGroup(click.Group):
     """Benchmarks that load torch are imported only when run (``bench --help`` stays fast)."""
 
-    lazy = {"modes": "splitfed.bench.modes", "faults": "splitfed.bench.faults", "step": "splitfed.bench.step"}
+    lazy = {"modes": "splitfed.bench.modes", "faults": "splitfed.bench.faults", "step": "splitfed.bench.step",
+            "memory": "splitfed.bench.memory"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
