@@ -18,48 +18,26 @@ weights directory, so `splitfed demo --check-centralized` compares both.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers.utils import logging as hf_logging
 
-from shared.data import SiloDataset, load_jsonl
+from shared.centralized_batch import centralized_client_batch
 from shared.loss import causal_lm_loss
 from shared.model_split import positions_from_mask
 from shared.optim import make_optimizer
 from shared.reference import UnsplitModel
-from shared.secure_agg import flatten, plain_fedavg, unflatten_into
+from shared.reference_run import (
+    ReferenceRun,
+    fedavg_,
+    load_datasets,
+    reference_settings,
+    round_ends,
+    silo_ids,
+    step_optimizers,
+)
 from shared.settings import ModelSettings
-from shared.tokenizer import load_tokenizer
-
-
-@dataclass
-class ReferenceRun:
-    """A reference training's result. ``history``: one {"silo_index", "step", "loss"} per silo step.
-    ``weights``: the trainable tensors after the last optimizer step and the last round's averaging,
-    by file stem of a run's weights directory: ``<silo>`` (its head and tail), ``trunk`` (the shared
-    trunk adapter; in hierarchical mode the last average) and, hierarchical, ``trunk-<silo>``."""
-
-    history: list[dict]
-    weights: dict[str, dict[str, torch.Tensor]]
-
-
-def silo_ids(run, n: int) -> list[str]:
-    """The run's silo ids (a DemoConfig has them), else the demo's own naming."""
-    return list(getattr(run, "silo_ids", None) or [f"silo{i}" for i in range(n)])
-
-
-def reference_settings(model_dir: Path, run) -> ModelSettings:
-    return ModelSettings(model=str(model_dir), seed=run.seed, adapter=run.adapter, lr=run.lr,
-                         head_layers=run.head_layers, tail_layers=run.tail_layers)
-
-
-def load_datasets(model_dir: Path, run, data_paths: list[Path]) -> list[SiloDataset]:
-    tokenizer = load_tokenizer(model_dir)
-    return [SiloDataset(load_jsonl(p), tokenizer, run.batch_size, run.max_length, run.seed, i)
-            for i, p in enumerate(data_paths)]
 
 
 def build_silo_models(model_dir: Path, settings: ModelSettings, n_silos: int, share_trunk: bool = True,
@@ -76,31 +54,11 @@ def build_silo_models(model_dir: Path, settings: ModelSettings, n_silos: int, sh
     return models
 
 
-def round_ends(step: int, run) -> bool:
-    return (step + 1) % run.local_steps == 0 or step + 1 == run.steps
-
-
-def fedavg_(param_lists: Sequence[Sequence[torch.nn.Parameter]], weights: Sequence[int]) -> None:
-    """Replace every list's parameters by the weighted average over the lists (in place)."""
-    average = plain_fedavg([flatten(ps) for ps in param_lists], weights)
-    for ps in param_lists:
-        unflatten_into(ps, average)
-
-
-def _step(opts) -> None:
-    for o in opts:
-        if o is not None:
-            o.step()
-            o.zero_grad(set_to_none=True)
-
-
 def centralized_run(model_dir: Path, run, data_paths: list[Path]) -> ReferenceRun:
     """Train like a run of ``run.mode`` configured by ``run`` (a DemoConfig-like object)."""
     hf_logging.disable_progress_bar()  # the demo prints its own progress
     mode = getattr(run, "mode", "serial")
     if mode == "client-batch":
-        from shared.centralized_batch import centralized_client_batch
-
         return centralized_client_batch(model_dir, run, data_paths)
     settings = reference_settings(model_dir, run)
     datasets = load_datasets(model_dir, run, data_paths)
@@ -123,7 +81,7 @@ def centralized_run(model_dir: Path, run, data_paths: list[Path]) -> ReferenceRu
             logits = model(batch.input_ids, batch.attention_mask, positions_from_mask(batch.attention_mask))
             loss = causal_lm_loss(logits, batch.labels)
             loss.backward()
-            _step([trunk_opts[i], silo_opts[i]])
+            step_optimizers([trunk_opts[i], silo_opts[i]])
             history.append({"silo_index": i, "step": step, "loss": float(loss.detach())})
         if (average_silos or average_trunk) and round_ends(step, run):
             if average_silos:
@@ -149,6 +107,3 @@ def _final_weights(models: list[UnsplitModel], ids: list[str], hierarchical: boo
 def centralized_reference(model_dir: Path, run, data_paths: list[Path]) -> list[dict]:
     """The losses only (callers that predate the weights check)."""
     return centralized_run(model_dir, run, data_paths).history
-
-
-centralized_serial = centralized_reference  # the name the serial-only code used

@@ -12,7 +12,6 @@ without any of this code.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,14 +21,18 @@ from shared.loss import causal_lm_loss
 from shared.model_split import build_part, build_silo_parts, positions_from_mask
 from shared.optim import make_optimizer
 from shared.quantize import quantize_linears
-
-if TYPE_CHECKING:  # shared.centralized imports this module
-    from shared.centralized import ReferenceRun
+from shared.reference_run import (
+    ReferenceRun,
+    fedavg_,
+    load_datasets,
+    reference_settings,
+    round_ends,
+    silo_ids,
+    step_optimizers,
+)
 
 
 def centralized_client_batch(model_dir: Path, run, data_paths: list[Path]) -> ReferenceRun:
-    from shared.centralized import ReferenceRun, _step, fedavg_, load_datasets, reference_settings, round_ends, silo_ids
-
     settings = reference_settings(model_dir, run)
     cfg = settings.adapter_config()
     datasets = load_datasets(model_dir, run, data_paths)
@@ -63,10 +66,10 @@ def centralized_client_batch(model_dir: Path, run, data_paths: list[Path]) -> Re
         for t in trunk_params:
             if t.grad is not None:
                 t.grad.div_(len(datasets))
-        _step([trunk_opt])
+        step_optimizers([trunk_opt])
         for h1, s, opt in zip(h1s, slices, silo_opts):
             h1.backward(take(trunk_in.grad, s))
-            _step([opt])
+            step_optimizers([opt])
         history += [{"silo_index": i, "step": step, "loss": v} for i, v in enumerate(losses)]
         if getattr(run, "aggregation", "fedavg") == "fedavg" and len(datasets) > 1 and round_ends(step, run):
             fedavg_(silo_params, weights)

@@ -94,7 +94,7 @@ class SiloAgent:
         self.broker = BrokerLiveness(settings.heartbeat_s, settings.broker_timeout_s, settings.broker_frontend)
         self.aggregation = RoundAggregation(
             settings.silo_id, settings.run_id, trainable, self.dataset.num_examples, registry,
-            self.keys.x25519 if isinstance(self.codec, SealedCodec) else None, self._send, self._await_match)
+            self.keys.x25519 if isinstance(self.codec, SealedCodec) else None, self.send, self.await_match)
 
     def _make_codec(self, settings: SiloSettings):
         if not settings.encryption:
@@ -118,11 +118,11 @@ class SiloAgent:
         # The run config's digest is signed into the hello, so the trunk checks our settings itself.
         hello, pending = make_hello(self.keys, s.silo_id, s.run_id, rnd, cipher=s.cipher, now_ns=self._hello_ns,
                                     max_tensor_bytes=s.max_tensor_bytes, config_digest=config_digest(self.run_config))
-        self._send(Message(Kind.HELLO, s.run_id, s.silo_id, rnd, step,
+        self.send(Message(Kind.HELLO, s.run_id, s.silo_id, rnd, step,
                            tensors=[torch.frombuffer(bytearray(hello), dtype=torch.uint8)],
                            text=claim_line(self.run_config)))
         for _ in range(3):
-            ack = self._await(Kind.HELLO_ACK, step)
+            ack = self.await_reply(Kind.HELLO_ACK, step)
             try:
                 # Raises SealError("fingerprint_mismatch") unless the trunk holds the key pinned in our settings.
                 session = pending.complete_ack(bytes(ack.tensors[0].numpy()), s.trunk_fingerprint)
@@ -181,7 +181,7 @@ class SiloAgent:
                 progress.close()
             if s.generate is not None and not self._stopping:  # split generation through the trunk
                 generate_live(self, round_no=(s.steps - 1) // s.local_steps)  # the last round's session
-            self._send(Message(Kind.DISCONNECT, s.run_id, s.silo_id))
+            self.send(Message(Kind.DISCONNECT, s.run_id, s.silo_id))
             if fields := self._progress_fields():  # the last step, which the heartbeat may not have seen
                 self.registry.update("silo", s.silo_id, **fields)
             self.registry.leave("silo", s.silo_id, status="finished")
@@ -207,7 +207,7 @@ class SiloAgent:
         self.aggregation.run(rnd)
         if self.settings.checkpoint_dir is not None:
             self._save_checkpoint(rnd)
-        self._send(Message(Kind.CHECKPOINTED, self.settings.run_id, self.settings.silo_id, rnd))
+        self.send(Message(Kind.CHECKPOINTED, self.settings.run_id, self.settings.silo_id, rnd))
 
     def _save_checkpoint(self, rnd: int) -> None:
         tensors = {f"param/{i}": p for i, p in enumerate(self.trainable)}
@@ -261,10 +261,10 @@ class SiloAgent:
             if isinstance(self.codec, SealedCodec):  # prove we hold the enrolled identity
                 raw = sign_registration(self.keys, s.run_id, s.silo_id)
                 token = [torch.frombuffer(bytearray(raw), dtype=torch.uint8)]
-            self._send(Message(Kind.READY, s.run_id, s.silo_id, tensors=token,
+            self.send(Message(Kind.READY, s.run_id, s.silo_id, tensors=token,
                                text=f"incarnation={self.incarnation}\n{claim_line(self.run_config)}"))
             try:
-                ack = self._await(Kind.READY, step=0)
+                ack = self.await_reply(Kind.READY, step=0)
                 break
             except (Reregister, Rollback) as exc:
                 # Replies to what we sent before this READY (e.g. heartbeats to a restarted broker):
@@ -300,7 +300,7 @@ class SiloAgent:
         forward = Message(Kind.FORWARD, s.run_id, s.silo_id, rnd, step, tensors=[
             h1.detach().to(self.wire_dtype), mask.to(torch.uint8), positions.to(torch.int32)])
         for attempt in range(1, MAX_STEP_ATTEMPTS + 1):
-            self._send(forward)
+            self.send(forward)
             try:
                 return self._finish_step(step, rnd, batch, h1, mask, positions, started)
             except Straggler as exc:
@@ -322,15 +322,15 @@ class SiloAgent:
 
     def _finish_step(self, step, rnd, batch, h1, mask, positions, started) -> float:
         s = self.settings
-        reply = self._await(Kind.FORWARD_RESULT, step)
+        reply = self.await_reply(Kind.FORWARD_RESULT, step)
 
         h2 = reply.tensors[0].to(h1.dtype).requires_grad_(True)
         logits = self.tail(h2, mask, positions)
         loss = causal_lm_loss(logits, batch.labels)
         loss.backward()  # grads of the tail (and tied LM head) and dL/dh2
 
-        self._send(Message(Kind.BACKWARD, s.run_id, s.silo_id, rnd, step, tensors=[h2.grad.to(self.wire_dtype)]))
-        reply = self._await(Kind.BACKWARD_RESULT, step)
+        self.send(Message(Kind.BACKWARD, s.run_id, s.silo_id, rnd, step, tensors=[h2.grad.to(self.wire_dtype)]))
+        reply = self.await_reply(Kind.BACKWARD_RESULT, step)
 
         h1.backward(reply.tensors[0].to(h1.dtype))  # grads of the head
         if self.optimizer is not None:
@@ -351,18 +351,18 @@ class SiloAgent:
         return value
 
     # ------------------------------------------------------------------ messaging
-    def _send(self, msg: Message) -> None:
+    def send(self, msg: Message) -> None:
         frames = self.codec.encode(msg)
         with self.timeline.io():
             self.sock.send_multipart(frames, copy=False)
         self.metrics.sent(frames)
 
-    def _await(self, kind: Kind, step: int) -> Message:
+    def await_reply(self, kind: Kind, step: int) -> Message:
         """Wait for ``kind`` of ``step``; stale or malformed replies are dropped, ERROR raises."""
-        return self._await_match(lambda m: m.kind == kind and (kind == Kind.READY or m.step == step),
+        return self.await_match(lambda m: m.kind == kind and (kind == Kind.READY or m.step == step),
                                  f"{kind.name} for step {step}", step)
 
-    def _await_match(self, wanted, what: str, step: int | None = None) -> Message:
+    def await_match(self, wanted, what: str, step: int | None = None) -> Message:
         s = self.settings
         deadline = time.monotonic() + s.step_timeout_s
         while True:
@@ -376,7 +376,7 @@ class SiloAgent:
             if not ready:
                 self.broker.silent_for(time.monotonic() - waited)  # raises PeerError past broker_timeout_s
                 # Waiting for our turn: tell the broker this connection is alive.
-                self._send(Message(Kind.HEARTBEAT, s.run_id, s.silo_id))
+                self.send(Message(Kind.HEARTBEAT, s.run_id, s.silo_id))
                 continue
             with self.timeline.io():
                 frames = self.sock.recv_multipart(copy=False)

@@ -38,7 +38,7 @@ class RemoteTrunk:
         frames = self.agent.codec.encode(msg)
         self.agent.sock.send_multipart(frames, copy=False)
         self.agent.metrics.sent(frames)
-        reply = self.agent._await(Kind.GENERATE_RESULT, self.step)
+        reply = self.agent.await_reply(Kind.GENERATE_RESULT, self.step)
         h2 = reply.tensors[0]
         if h2.shape != hidden.shape:
             raise ValueError(f"trunk returned {tuple(h2.shape)} for {tuple(hidden.shape)}")
@@ -50,7 +50,7 @@ class RemoteTrunk:
     def close(self) -> None:
         if self.step:
             s = self.agent.settings
-            self.agent._send(Message(Kind.GENERATE_END, s.run_id, s.silo_id, self.round_no, self.step))
+            self.agent.send(Message(Kind.GENERATE_END, s.run_id, s.silo_id, self.round_no, self.step))
             self.step = 0
 
 

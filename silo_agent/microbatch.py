@@ -29,6 +29,7 @@ from shared.microbatch import split_batch
 from shared.model_split import positions_from_mask
 from shared.protocol import Kind
 from shared.wire import Message
+from silo_agent.peer_errors import PeerError, Retry, Straggler
 
 
 class _Inbox:
@@ -40,7 +41,7 @@ class _Inbox:
 
     def next(self, kind: Kind) -> Message:
         while not self.queues[kind]:
-            msg = self.agent._await_match(lambda m: m.kind in self.queues and m.step == self.step,
+            msg = self.agent.await_match(lambda m: m.kind in self.queues and m.step == self.step,
                                           f"results of step {self.step}", self.step)
             self.queues[msg.kind].append(msg)
         return self.queues[kind].popleft()
@@ -48,8 +49,6 @@ class _Inbox:
 
 def run_microbatched_step(agent, step: int, rnd: int, batch) -> tuple[float, int]:
     """Returns (the step's loss, the trunk's update counter after it)."""
-    from silo_agent.agent import PeerError, Retry, Straggler  # here: agent.py imports this module
-
     s = agent.settings
     if agent.cut_defense.enabled:
         # One noise draw per (round, step) would repeat across the step's micro-batches.
@@ -59,7 +58,7 @@ def run_microbatched_step(agent, step: int, rnd: int, batch) -> tuple[float, int
         mask = mb.attention_mask
         positions = positions_from_mask(mask)
         h1 = agent.head(mb.input_ids, mask, positions)
-        agent._send(Message(Kind.FORWARD, s.run_id, s.silo_id, rnd, step, tensors=[
+        agent.send(Message(Kind.FORWARD, s.run_id, s.silo_id, rnd, step, tensors=[
             h1.detach().to(agent.wire_dtype), mask.to(torch.uint8), positions.to(torch.int32)]))
         inflight.append((mb, weight, h1, mask, positions))
     inbox = _Inbox(agent, step)
@@ -69,7 +68,7 @@ def run_microbatched_step(agent, step: int, rnd: int, batch) -> tuple[float, int
             h2 = inbox.next(Kind.FORWARD_RESULT).tensors[0].to(h1.dtype).requires_grad_(True)
             loss = causal_lm_loss(agent.tail(h2, mask, positions), mb.labels) * weight
             loss.backward()  # accumulates into the tail's grads
-            agent._send(Message(Kind.BACKWARD, s.run_id, s.silo_id, rnd, step,
+            agent.send(Message(Kind.BACKWARD, s.run_id, s.silo_id, rnd, step,
                                 tensors=[h2.grad.to(agent.wire_dtype)]))
             total += float(loss.detach())
         for _, _, h1, _, _ in inflight:

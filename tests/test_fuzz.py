@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared import keys as keystore
-from shared.centralized import centralized_serial
+from shared.centralized import centralized_reference
 from shared.models import resolve_model_dir
 from shared.protocol import Kind
 from shared.registration import sign_registration
@@ -159,7 +159,7 @@ def test_fuzzing_a_live_federation(redis_prefix, tmp_path):
         class Run:
             seed, adapter, lr, head_layers, tail_layers, batch_size, max_length, steps = 0, "lora", 1e-3, 1, 1, 2, 32, HONEST_STEPS
 
-        reference = [r["loss"] for r in centralized_serial(tiny, Run, [data])]
+        reference = [r["loss"] for r in centralized_reference(tiny, Run, [data])]
         assert max(abs(s["loss"] - r) for s, r in zip(steps, reference)) <= 1e-5
 
         rejected = registry.rejected()

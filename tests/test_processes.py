@@ -21,7 +21,7 @@ import torch
 import zmq
 
 from shared import keys as keystore
-from shared.centralized import centralized_serial
+from shared.centralized import centralized_reference
 from shared.models import resolve_model_dir
 from shared.protocol import Kind
 from shared.registry import Registry
@@ -163,7 +163,7 @@ def test_live_roles_survive_bad_frames_and_honest_silo_is_unaffected(redis_prefi
         class Run:
             seed, adapter, lr, head_layers, tail_layers, batch_size, max_length, steps = 0, "lora", 1e-3, 1, 1, 2, 32, 4
 
-        ref = [r["loss"] for r in centralized_serial(tiny_dir, Run, [data])]
+        ref = [r["loss"] for r in centralized_reference(tiny_dir, Run, [data])]
         assert len(losses) == len(ref) == 4
         assert max(abs(a - b) for a, b in zip(losses, ref)) <= 1e-5
 
