@@ -31,6 +31,7 @@ from broker.serial import SerialScheduler
 from broker.trunk_rounds import TrunkRounds
 from shared import failpoints
 from shared import keys as keystore
+from shared.control_text import PeerIntro, ResumePoint
 from shared.metrics import RoleMetrics
 from shared.protocol import BEACON_SUFFIX, GENERATION_KINDS, ErrorReason, Kind, Reason
 from shared.registration import verify_registration
@@ -210,7 +211,7 @@ class Broker:
                 self.window.silo_registered(silo)
             self._admit(silo, header, "silo", frames)
             self.rolling_back.discard(silo)
-            self._send(self.frontend, identity, Message(Kind.READY, self.run_id, silo, text=f"resume={self.committed_round}"))
+            self._send(self.frontend, identity, Message(Kind.READY, self.run_id, silo, text=ResumePoint(self.committed_round).to_text()))
             log.info("silo %s ready (resumes after round %d)", silo, self.committed_round)
             return
         if silo not in self.silo_identity:
@@ -304,7 +305,7 @@ class Broker:
             new_process = self._admit(worker_id, header, "worker", frames)
             self.rolling_back.discard(worker_id)
             self._send(self.backend, identity, Message(Kind.READY, self.run_id, worker_id,
-                                                       text=f"resume={self.committed_round}"))
+                                                       text=ResumePoint(self.committed_round).to_text()))
             log.info("trunk worker %s ready", worker_id)
             if new_process:  # it holds no sessions yet: give it the silos' current handshakes
                 for hello in self.latest_hello.values():
@@ -605,7 +606,7 @@ class Broker:
         return known != incarnation  # a new process (first start or restart), not a re-registration
 
     def _incarnation_of(self, header: Header, frames: list | None) -> str:
-        return _text_of(header, frames).partition("\n")[0].removeprefix("incarnation=")
+        return PeerIntro.from_text(_text_of(header, frames)).incarnation
 
     def _config_refusal(self, header: Header, frames: list, role: str) -> tuple[str, str] | None:
         """(reason, detail) when a READY's config claim (shared/run_config.py) differs from the run's."""
@@ -639,12 +640,12 @@ class Broker:
         for silo, identity in self.silo_identity.items():
             if silo != exclude and silo not in self.left:
                 self.rolling_back.add(silo)
-                self._send(self.frontend, identity, Message(Kind.ROLLBACK, self.run_id, silo, text=str(rnd)))
+                self._send(self.frontend, identity, Message(Kind.ROLLBACK, self.run_id, silo, text=ResumePoint(rnd).to_rollback_text()))
         for worker in self.workers.values():
             if worker.worker_id != exclude:
                 self.rolling_back.add(worker.worker_id)
                 self._send(self.backend, worker.identity, Message(Kind.ROLLBACK, self.run_id, worker.worker_id,
-                                                                  text=str(rnd)))
+                                                                  text=ResumePoint(rnd).to_rollback_text()))
 
     def _reset_schedule_for_return(self, silo: str) -> None:
         if self.scheduler is not None:

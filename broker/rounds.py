@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shared import secure_agg
+from shared.control_text import AggStart
 from shared.protocol import Kind
 from shared.wire import Message
 
@@ -160,4 +161,4 @@ class RoundAggregator:
 
     def _start_msg(self, silo: str, state: RoundState, participants: list[str]) -> None:
         self.send(silo, Message(Kind.AGG_START, self.run_id, silo, state.round, seq=state.attempt,
-                                text=",".join(participants)))
+                                text=AggStart(tuple(participants)).to_text()))

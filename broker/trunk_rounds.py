@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from shared.control_text import RoundEnd
+
 log = logging.getLogger("broker")
 
 
@@ -23,10 +25,6 @@ class TrunkRound:
     relayed: set[str] = field(default_factory=set)  # workers whose partial went out to the others
 
 
-def round_end_text(averaging: list[str], weights: dict[str, int]) -> str:
-    return ",".join(averaging) + ";" + ",".join(f"{s}:{n}" for s, n in sorted(weights.items()))
-
-
 class TrunkRounds:
     def __init__(self) -> None:
         self.rounds: dict[int, TrunkRound] = {}
@@ -35,7 +33,7 @@ class TrunkRounds:
               weights: dict[str, int]) -> list[tuple[str, str | None]]:
         """The ROUND_ENDs to send: (worker, text); text None means checkpoint only."""
         self.rounds[rnd] = TrunkRound(set(workers), list(averaging), dict(weights))
-        text = round_end_text(averaging, weights)
+        text = RoundEnd(tuple(averaging), dict(weights)).to_text()
         return [(w, text if w in averaging else None) for w in sorted(workers)]
 
     def relay_targets(self, rnd: int, sender: str) -> list[str]:
@@ -72,7 +70,7 @@ class TrunkRounds:
                 if not weights:  # nothing left to average: the survivors only checkpoint
                     averaging = []
                 state.averaging, state.weights, state.relayed = averaging, weights, set()
-                text = round_end_text(averaging, weights) if averaging else None
+                text = RoundEnd(tuple(averaging), dict(weights)).to_text() if averaging else None
                 resend[rnd] = [(w, text) for w in waiting]
                 log.warning("round %d: worker %s died before its trunk partial; averaging again over %s",
                             rnd, worker, ",".join(averaging) or "nobody")

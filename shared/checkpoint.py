@@ -98,15 +98,3 @@ def load(directory: Path, rnd: int) -> tuple[dict[str, torch.Tensor], dict] | No
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         meta = json.loads((f.metadata() or {}).get("meta", "{}"))
     return tensors, meta
-
-
-def parse_resume(text: str | None) -> int:
-    """The round in a READY ack ("resume=R") or a ROLLBACK ("R"); -1 = before the first round."""
-    value = (text or "-1").split("=", 1)[-1]
-    try:
-        rnd = int(value)
-    except ValueError:
-        raise ValueError(f"bad resume point {text!r}") from None
-    if rnd < -1:
-        raise ValueError(f"bad resume point {text!r}")
-    return rnd

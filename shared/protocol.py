@@ -80,6 +80,10 @@ class Kind(enum.IntEnum):
                      round and continue from the next round's first step.
     CHECKPOINTED     silo -> broker: this silo's checkpoint of `round` is on disk.
 
+    Every structured text above (READY's incarnation and resume point, ROLLBACK's round,
+    ROUND_END's workers and weights, AGG_START's participants) is written and read only by its
+    type in shared/control_text.py.
+
     With encryption on, FORWARD..BACKWARD_RESULT are sealed: each payload is an AEAD ciphertext,
     the header is the associated data, and the header's seq carries the nonce counter.
     """

@@ -30,6 +30,7 @@ from shared import keys as keystore
 from shared.atomic_files import atomic_path
 from shared.adapters import adapter_state_dict, apply_adapter, unique_parameters
 from shared.codec import PlainCodec
+from shared.control_text import PeerIntro
 from shared.cut_defense import CutDefenseConfig, protect_cut_with
 from shared.data import SiloDataset, load_jsonl
 from shared.loss import causal_lm_loss
@@ -262,7 +263,7 @@ class SiloAgent:
                 raw = sign_registration(self.keys, s.run_id, s.silo_id)
                 token = [torch.frombuffer(bytearray(raw), dtype=torch.uint8)]
             self.send(Message(Kind.READY, s.run_id, s.silo_id, tensors=token,
-                               text=f"incarnation={self.incarnation}\n{claim_line(self.run_config)}"))
+                               text=PeerIntro(self.incarnation, claim_line(self.run_config)).to_text()))
             try:
                 ack = self.await_reply(Kind.READY, step=0)
                 break

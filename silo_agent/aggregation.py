@@ -19,6 +19,7 @@ import torch
 
 from shared import keys as keystore
 from shared import secure_agg
+from shared.control_text import AggStart
 from shared.protocol import Kind
 from shared.registry import Registry, retry_redis
 from shared.wire import Message
@@ -48,7 +49,7 @@ class RoundAggregation:
         ends = (Kind.AGG_START, Kind.ROUND_CLOSED)
         msg = self.await_msg(lambda m: m.kind in ends and m.round == rnd, f"the end of round {rnd}")
         while msg.kind == Kind.AGG_START:
-            participants = [p for p in (msg.text or "").split(",") if p]
+            participants = list(AggStart.from_text(msg.text).participants)
             self.send(Message(Kind.AGG_UPLOAD, self.run_id, self.silo_id, rnd, seq=msg.seq,
                               tensors=[self._upload(rnd, msg.seq, participants)]))
             attempt = msg.seq

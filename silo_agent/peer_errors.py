@@ -5,7 +5,7 @@ Each is raised from the silo's receive loop and handled by its training loop (si
 
 from __future__ import annotations
 
-from shared import checkpoint
+from shared.control_text import ResumePoint
 
 
 class PeerError(RuntimeError):
@@ -27,7 +27,7 @@ class Reregister(RuntimeError):
 def resume_round(text: str | None) -> int:
     """The round to resume from in a READY ack or ROLLBACK ("resume=R"; -1 = before the first)."""
     try:
-        return checkpoint.parse_resume(text)
+        return ResumePoint.from_text(text).round
     except ValueError as exc:
         raise PeerError(f"{exc} from the broker") from None
 

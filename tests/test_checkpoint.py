@@ -47,15 +47,6 @@ def test_keeps_the_two_newest_and_leaves_no_temporary(tmp_path):
     assert checkpoint.load(tmp_path, 2)[0]["x"].tolist() == [2.0, 2.0]
 
 
-def test_resume_points():
-    assert checkpoint.parse_resume("resume=3") == 3
-    assert checkpoint.parse_resume("-1") == -1
-    assert checkpoint.parse_resume(None) == -1
-    for bad in ("resume=x", "resume=-5"):
-        with pytest.raises(ValueError):
-            checkpoint.parse_resume(bad)
-
-
 def test_optimizer_state_for_more_parameters_is_refused(tmp_path):
     params, opt = _trained(0)
     state = checkpoint.optimizer_tensors(opt)

@@ -39,19 +39,6 @@ class TrunkSync:
         self.expected: dict[int, list[str]] = {}  # round -> workers whose partials make the sum
         self.partials: dict[int, dict[str, tuple[torch.Tensor, float]]] = {}
 
-    @staticmethod
-    def parse_round_end(text: str) -> tuple[list[str], dict[str, int]]:
-        """"w0,w1;silo0:100,silo1:80" -> (workers, weights); FrameError when malformed."""
-        try:
-            workers_part, weights_part = text.split(";")
-            workers = [w for w in workers_part.split(",") if w]
-            weights = {s: int(n) for s, n in (kv.split(":") for kv in weights_part.split(",") if kv)}
-        except ValueError as exc:
-            raise FrameError("schema", f"bad ROUND_END text {text[:80]!r}") from exc
-        if not workers or not weights or any(n < 0 for n in weights.values()):
-            raise FrameError("schema", f"bad ROUND_END text {text[:80]!r}")
-        return workers, weights
-
     # The partial is the size of a whole adapter in float64 and a worker with many silos is at its
     # fullest at a round's end: seal and open with no whole-size buffer beyond the frame itself.
     # Sealed layout: nonce | weight (float64) | AES-GCM(partial) | tag. The weight (the sum of the

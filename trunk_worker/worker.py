@@ -24,6 +24,7 @@ from shared import keys as keystore
 from shared.adapter_files import adapter_metadata, save_adapter_file
 from shared.adapters import adapter_state_dict, apply_adapter
 from shared.codec import PlainCodec
+from shared.control_text import PeerIntro, ResumePoint, RoundEnd
 from shared.metrics import RoleMetrics
 from shared.optim import make_optimizer
 from shared.protocol import BROKER_LIVENESS, GENERATION_KINDS, WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
@@ -441,7 +442,8 @@ class TrunkWorker:
             return self._close_round(msg.round)
         if self.adapters is None:
             raise StepError("unexpected_kind", "trunk averaging outside hierarchical mode")
-        workers, weights = TrunkSync.parse_round_end(msg.text)
+        end = RoundEnd.from_text(msg.text)
+        workers, weights = list(end.workers), end.weights
         partial, weight = self.adapters.weighted_sum(weights)
         if workers == [self.settings.worker_id]:
             # The only averaging worker: its partial is the whole sum. No TRUNK_SYNC round trip, and
@@ -476,7 +478,7 @@ class TrunkWorker:
     def _register(self) -> None:
         s = self.settings
         self._send(Message(Kind.READY, s.run_id, s.worker_id,
-                           text=f"incarnation={self.incarnation}\n{claim_line(self.run_config)}"))
+                           text=PeerIntro(self.incarnation, claim_line(self.run_config)).to_text()))
 
     def _on_sigterm(self, *_: object) -> None:
         """First SIGTERM: stop after the message in hand. Second: stop now. (Counted apart from
@@ -531,6 +533,6 @@ class TrunkWorker:
 
 def _resume_round(text: str | None) -> int:
     try:
-        return checkpoint.parse_resume(text)
+        return ResumePoint.from_text(text).round
     except ValueError as exc:
         raise StepError("schema", str(exc)) from None
