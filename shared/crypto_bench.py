@@ -11,9 +11,10 @@ import time
 
 import numpy as np
 
+from shared.handshake import accept_hello, make_hello
 from shared.keys import EnrolledSilo, new_silo_keys, new_trunk_keys
 from shared.protocol import Kind, WireDtype
-from shared.sealing import HAS_INTO, accept_hello, make_hello
+from shared.sealing import HAS_INTO
 from shared.wire import Header, TensorDesc, header_to_wire
 
 SIZES = (1 << 20, 16 << 20)

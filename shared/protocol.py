@@ -44,7 +44,7 @@ class Kind(enum.IntEnum):
     DISCONNECT       silo -> broker: finished, leave the rotation. broker -> trunk worker: every
                      silo of the run has finished (a --burst worker exits 0). No tensors.
     HELLO            silo -> trunk service (the broker fans it out to every worker): the round's
-                     signed handshake (shared/sealing.py), uint8[196]. Unsealed. Text: the silo's
+                     signed handshake (shared/handshake.py), uint8[196]. Unsealed. Text: the silo's
                      "config=<digest> <json>" line; the signature covers the digest.
     HELLO_ACK        trunk -> silo: uint8[72], the trunk key and its key confirmation. Unsealed.
     GENERATE         silo -> trunk: one step of split generation (shared/generation.py), frames as

@@ -19,7 +19,7 @@ Where it is checked (each check compares fields, so the error names them):
 2. READY (silo and trunk -> broker) carries a ``config=`` line (``claim_line``): the broker refuses a
    peer whose fields differ from the run's with ERROR ``config_mismatch: FIELD: run=A, this silo=B``.
 3. HELLO (silo -> trunk) carries the same line, and the silo's digest is bound into the HELLO's
-   signature (``shared.sealing.make_hello(config_digest=...)``): the trunk, which does not trust
+   signature (``shared.handshake.make_hello(config_digest=...)``): the trunk, which does not trust
    the broker, checks the fields against its own settings and verifies the signature over its own
    values, so a claim altered on the way fails the signature.
 """

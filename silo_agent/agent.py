@@ -33,6 +33,7 @@ from shared.codec import PlainCodec
 from shared.control_text import PeerIntro
 from shared.cut_defense import CutDefenseConfig, protect_cut_with
 from shared.data import SiloDataset, load_jsonl
+from shared.handshake import make_hello
 from shared.loss import causal_lm_loss
 from shared.metrics import RoleMetrics
 from shared.model_split import build_silo_parts, positions_from_mask
@@ -42,7 +43,7 @@ from shared.registration import sign_registration
 from shared.registry import Heartbeat, Registry
 from shared.run_config import ConfigMismatch, claim_line, config_digest, run_config
 from shared.sealed_codec import SealedCodec
-from shared.sealing import SealError, make_hello
+from shared.sealing import SealError
 from shared.settings import SiloSettings
 from shared.step_timeline import StepTimeline
 from shared.tokenizer import load_tokenizer

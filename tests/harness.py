@@ -42,12 +42,12 @@ import zmq
 from broker.broker import Broker
 from shared import checkpoint
 from shared import keys as keystore
+from shared.handshake import make_hello
 from shared.protocol import Kind
 from shared.registration import sign_registration
 from shared.registry import Registry
 from shared.run_config import agree_with_run, claim_line, config_digest, run_config
 from shared.sealed_codec import SealedCodec
-from shared.sealing import make_hello
 from shared.settings import BrokerSettings, SiloSettings, TrunkSettings
 from shared.transport import client_socket
 from shared.wire import FrameError, Message, header_from_wire

@@ -10,9 +10,9 @@ import torch
 
 from shared import keys as keystore
 from shared.buffers import MIN_POOLED_BYTES, BufferPool
+from shared.handshake import accept_hello, make_hello
 from shared.protocol import Kind
 from shared.sealed_codec import SealedCodec
-from shared.sealing import accept_hello, make_hello
 from shared.wire import Message
 
 N = MIN_POOLED_BYTES * 2

@@ -14,12 +14,12 @@ import torch
 import zmq
 
 from shared import keys as keystore
+from shared.handshake import make_hello
 from shared.models import resolve_model_dir
 from shared.protocol import Kind
 from shared.registration import sign_registration
 from shared.registry import Registry
 from shared.run_config import claim_line, config_digest, meta_fields, run_config
-from shared.sealing import make_hello
 from shared.settings import SiloSettings, TrunkSettings
 from shared.wire import Message, message_from_wire, message_to_wire
 from tests.conftest import REDIS_URL

@@ -9,6 +9,7 @@ import pytest
 import zmq
 
 from shared import keys as keystore
+from shared.handshake import accept_hello, make_hello
 from shared.protocol import Kind
 from shared.run_config import (
     LOCAL_FIELDS,
@@ -24,7 +25,7 @@ from shared.run_config import (
     parse_claim,
     run_config,
 )
-from shared.sealing import SealError, accept_hello, make_hello
+from shared.sealing import SealError
 from shared.settings import BrokerSettings, CommonSettings, CryptoSettings, SiloSettings, TrunkSettings
 from shared.wire import Message, message_from_wire, message_to_wire
 from tests.conftest import REDIS_URL

@@ -9,20 +9,10 @@ import pytest
 import torch
 
 from shared import keys
+from shared.handshake import HELLO_SIZE, HelloGuard, accept_hello, make_hello, peek_hello
 from shared.keys import enroll, fingerprint, revoke
 from shared.protocol import Kind
-from shared.sealing import (
-    ACK_SIZE,
-    HELLO_SIZE,
-    HelloGuard,
-    ReplayWindow,
-    SealError,
-    accept_hello,
-    make_hello,
-    open_message,
-    peek_hello,
-    seal_message,
-)
+from shared.sealing import ACK_SIZE, ReplayWindow, SealError, open_message, seal_message
 from shared.wire import (
     HEADER,
     FrameError,

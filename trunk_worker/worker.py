@@ -25,13 +25,14 @@ from shared.adapter_files import adapter_metadata, save_adapter_file
 from shared.adapters import adapter_state_dict, apply_adapter
 from shared.codec import PlainCodec
 from shared.control_text import PeerIntro, ResumePoint, RoundEnd
+from shared.handshake import HelloGuard, accept_hello
 from shared.metrics import RoleMetrics
 from shared.optim import make_optimizer
 from shared.protocol import BROKER_LIVENESS, GENERATION_KINDS, WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
 from shared.registry import Heartbeat, Registry, retry_redis
 from shared.run_config import ConfigMismatch, claim_line, config_digest, describe, differences, parse_claim, run_config
 from shared.sealed_codec import SealedCodec
-from shared.sealing import HelloGuard, SealError, accept_hello
+from shared.sealing import SealError
 from shared.settings import TrunkSettings
 from shared.step_timeline import StepTimeline
 from shared.transport import client_socket
