@@ -30,7 +30,7 @@ from broker.rounds import RoundAggregator
 from broker.serial import SerialScheduler
 from broker.trunk_rounds import TrunkRounds
 from shared import failpoints
-from shared import keys as keystore
+from shared import enrollment
 from shared.control_text import PeerIntro, ResumePoint
 from shared.metrics import RoleMetrics
 from shared.protocol import BEACON_SUFFIX, GENERATION_KINDS, ErrorReason, Kind, Reason
@@ -287,7 +287,7 @@ class Broker:
         if not msg.tensors:
             raise FrameError("bad_registration", f"READY for {silo} carries no signed registration token")
         return verify_registration(bytes(msg.tensors[0].numpy()), self.run_id, silo,
-                                   lambda s: retry_redis(keystore.lookup, self.registry, s, attempts=8), self.ready_ts.get(silo))
+                                   lambda s: retry_redis(enrollment.lookup, self.registry, s, attempts=8), self.ready_ts.get(silo))
 
     # ------------------------------------------------------------------ trunk side
     def process_trunk(self, identity: bytes, frames: list) -> None:

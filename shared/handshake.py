@@ -262,9 +262,9 @@ def accept_hello(hello: bytes | memoryview, trunk_keys: TrunkKeys, lookup_fn: Lo
                  max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES, config_digest: str | None = None) -> Session:
     """Trunk side: verify a silo's hello against the allow-list and derive the session.
 
-    ``lookup_fn(silo_id)`` returns the enrollment (``shared.keys.lookup`` bound to a registry).
+    ``lookup_fn(silo_id)`` returns the enrollment (``shared.enrollment.lookup`` bound to a registry).
     ``guard`` (one per process) refuses replayed or older hellos. ``sender_slot``: this process's
-    unique slot (``shared.keys.claim_sender_slot``); the default is random. ``config_digest``: the
+    unique slot (``shared.enrollment.claim_sender_slot``); the default is random. ``config_digest``: the
     digest of the trunk's own run config over the fields the silo claims (None: the silo bound none).
     """
     hello = bytes(hello)

@@ -1,4 +1,4 @@
-"""Key material: files on disk (private keys mode 0600) and the enrollment allow-list in Redis.
+"""Key material: key sets in memory, fingerprints, and key files on disk (private keys mode 0600).
 
 A silo holds two long-term keys: an Ed25519 *identity* (signs its per-round hello) and an X25519
 key (mixed into every session key). The trunk service holds one X25519 key shared by its workers.
@@ -13,16 +13,7 @@ On disk (one directory per party; nothing secret is ever printed or logged)::
 that group or others may read, like ssh does. ``*.pub`` hold the raw 32-byte key as one hex line,
 so an operator can paste it into ``splitfed keys enroll``.
 
-In Redis (a *directory*, not a trust root: silos pin the trunk fingerprint from their own config)::
-
-    {prefix}:run:{run_id}:keys:silo:{silo_id}   hash  ed25519, x25519 (hex), status, enrolled_at, revoked_at
-    {prefix}:run:{run_id}:keys:silos            set   enrolled silo ids (listing without SCAN)
-    {prefix}:run:{run_id}:keys:trunk            hash  x25519 (hex), fingerprint, published_at
-    {prefix}:run:{run_id}:keys:trunk_slots      int   INCR counter handing each trunk worker process
-                                                      a unique nonce slot (see shared.sealing)
-
-Revocation marks the entry (status=revoked) instead of deleting it, so a revoked silo is refused
-with the reason "revoked" rather than "unknown_silo", and the audit trail stays.
+The run's allow-list of these keys in Redis is shared/enrollment.py's.
 """
 
 from __future__ import annotations
@@ -33,20 +24,14 @@ import hmac
 import os
 import re
 import stat
-import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from shared.atomic_files import write_bytes_atomic
-from shared.wire import check_id
-
-if TYPE_CHECKING:  # registry imports redis; keys stay importable without touching it
-    from shared.registry import Registry
 
 KEY_BYTES = 32
 ED25519_KEY, ED25519_PUB = "ed25519.key", "ed25519.pub"
@@ -277,7 +262,7 @@ def _check_public_matches(path: Path, raw: bytes) -> None:
         raise KeyFileError(f"{path}: does not match its private key (directories mixed up?)")
 
 
-# ---------------------------------------------------------------- Redis allow-list
+# ---------------------------------------------------------------- an enrollment, as the directory returns it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,113 +294,3 @@ class EnrolledSilo:
             "enrolled_at": self.enrolled_at,
             "revoked_at": self.revoked_at,
         }
-
-
-def _silo_key(registry: Registry, silo_id: str) -> str:
-    return registry.key("keys", "silo", silo_id)
-
-
-def enroll(registry: Registry, silo_id: str, ed25519_pub: bytes, x25519_pub: bytes,
-           replace: bool = False) -> EnrolledSilo:
-    """Add a silo's public keys to the run's allow-list.
-
-    Enrolling the same keys again is a no-op. Different keys for an enrolled silo, or re-admitting a
-    revoked one, needs ``replace=True``: both are deliberate operator decisions.
-    """
-    check_id(silo_id, "silo id")
-    for raw, cls, what in ((ed25519_pub, Ed25519PublicKey, "ed25519"), (x25519_pub, X25519PublicKey, "x25519")):
-        try:
-            cls.from_public_bytes(bytes(raw))
-        except (ValueError, TypeError) as exc:
-            raise KeyStoreError(f"invalid {what} public key for {silo_id}: {exc}") from None
-    current = lookup(registry, silo_id)
-    if current is not None and not replace:
-        if current.revoked:
-            raise KeyStoreError(f"silo {silo_id} was revoked; re-admitting it needs replace=True")
-        if (current.ed25519_public, current.x25519_public) != (bytes(ed25519_pub), bytes(x25519_pub)):
-            raise KeyStoreError(f"silo {silo_id} is enrolled with other keys; replacing them needs replace=True")
-        return current
-    entry = EnrolledSilo(silo_id, bytes(ed25519_pub), bytes(x25519_pub), "enrolled", round(time.time(), 3))
-    pipe = registry.redis.pipeline()
-    pipe.delete(_silo_key(registry, silo_id))  # drop a stale revoked_at
-    pipe.hset(_silo_key(registry, silo_id), mapping={
-        "ed25519": entry.ed25519_public.hex(), "x25519": entry.x25519_public.hex(),
-        "status": entry.status, "enrolled_at": f"{entry.enrolled_at:.3f}",
-    })
-    pipe.sadd(registry.key("keys", "silos"), silo_id)
-    pipe.execute()
-    return entry
-
-
-def revoke(registry: Registry, silo_id: str) -> bool:
-    """Mark a silo revoked (its next hello is refused). False if it was never enrolled."""
-    check_id(silo_id, "silo id")
-    key = _silo_key(registry, silo_id)
-    if not registry.redis.exists(key):
-        return False
-    registry.redis.hset(key, mapping={"status": "revoked", "revoked_at": f"{time.time():.3f}"})
-    return True
-
-
-def lookup(registry: Registry, silo_id: str) -> EnrolledSilo | None:
-    """The enrollment of ``silo_id`` (revoked ones included, marked), or None if never enrolled."""
-    check_id(silo_id, "silo id")
-    fields = registry.redis.hgetall(_silo_key(registry, silo_id))
-    if not fields:
-        return None
-    try:
-        ed, x = bytes.fromhex(fields["ed25519"]), bytes.fromhex(fields["x25519"])
-        if len(ed) != KEY_BYTES or len(x) != KEY_BYTES:
-            raise ValueError("key length")
-        revoked_at = fields.get("revoked_at")
-        return EnrolledSilo(silo_id, ed, x, fields["status"], float(fields["enrolled_at"]),
-                            float(revoked_at) if revoked_at else None)
-    except (KeyError, ValueError) as exc:
-        raise KeyStoreError(f"malformed enrollment entry for {silo_id} in Redis ({exc})") from None
-
-
-def list_enrolled(registry: Registry) -> list[dict]:
-    out = []
-    for silo_id in sorted(registry.redis.smembers(registry.key("keys", "silos"))):
-        entry = lookup(registry, silo_id)
-        if entry is not None:
-            out.append(entry.as_dict())
-    return out
-
-
-def publish_trunk_key(registry: Registry, x25519_pub: bytes) -> str:
-    """Advertise the trunk service's public key (silos still check it against their pinned fingerprint)."""
-    try:
-        X25519PublicKey.from_public_bytes(bytes(x25519_pub))
-    except ValueError as exc:
-        raise KeyStoreError(f"invalid trunk x25519 public key: {exc}") from None
-    fp = fingerprint(bytes(x25519_pub))
-    registry.redis.hset(registry.key("keys", "trunk"), mapping={
-        "x25519": bytes(x25519_pub).hex(), "fingerprint": fp, "published_at": f"{time.time():.3f}",
-    })
-    return fp
-
-
-def trunk_public_key(registry: Registry) -> bytes | None:
-    raw = registry.redis.hget(registry.key("keys", "trunk"), "x25519")
-    if raw is None:
-        return None
-    try:
-        pub = bytes.fromhex(raw)
-    except ValueError:
-        pub = b""
-    if len(pub) != KEY_BYTES:
-        raise KeyStoreError("malformed trunk key entry in Redis")
-    return pub
-
-
-def claim_sender_slot(registry: Registry) -> int:
-    """A nonce slot no other process of this run has had (INCR is atomic). Call once per process start.
-
-    Every trunk worker seals trunk->silo frames under the same session key; distinct slots keep
-    their nonces disjoint (see shared.sealing).
-    """
-    slot = int(registry.redis.incr(registry.key("keys", "trunk_slots")))
-    if not 0 < slot <= MAX_SLOTS:
-        raise KeyStoreError(f"nonce slots of this run are exhausted ({slot})")
-    return slot

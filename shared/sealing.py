@@ -14,7 +14,7 @@ dtypes are all authenticated; a frame cannot be spliced onto another header.
 is the AAD): ``seq = sender_slot << 32 | counter``. Whatever ``seq`` the caller set is replaced.
 ``counter`` starts at 1 and strictly increases per (session, direction, sender slot). The slot
 separates several senders under one key: every trunk worker seals trunk->silo frames with the same
-session key, so each must use its own slot (``shared.keys.claim_sender_slot``; default: a random
+session key, so each must use its own slot (``shared.enrollment.claim_sender_slot``; default: a random
 31-bit slot). The nonce (12 bytes) is::
 
     direction label (3 bytes: b"S>T" or b"T>S") + payload index (1 byte) + seq (u64 LE)

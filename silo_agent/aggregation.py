@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import torch
 
-from shared import keys as keystore
+from shared import enrollment
 from shared import secure_agg
 from shared.control_text import AggStart
 from shared.protocol import Kind
@@ -75,7 +75,7 @@ class RoundAggregation:
                                         self.run_id, rnd, attempt, participants)
 
     def _public_of(self, silo: str) -> bytes:
-        enrolled = retry_redis(keystore.lookup, self.registry, silo)
+        enrolled = retry_redis(enrollment.lookup, self.registry, silo)
         if enrolled is None or enrolled.revoked:
             raise secure_agg.SecureAggError("not_enrolled", f"participant {silo} is not enrolled in this run")
         return enrolled.x25519_public

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from shared import enrollment
 from shared import keys as keystore
 from shared.cli_options import build_settings, settings_options
 from shared.registry import Registry, RegistryError
@@ -76,7 +77,7 @@ def enroll(silo_id: str, keys_dir: Path, replace: bool, **options) -> None:
     registry = _registry(options)
     try:
         ed, x = keystore.load_silo_public(keys_dir)
-        entry = keystore.enroll(registry, silo_id, ed, x, replace=replace)
+        entry = enrollment.enroll(registry, silo_id, ed, x, replace=replace)
     except (keystore.KeyFileError, keystore.KeyStoreError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"enrolled {silo_id} in run {registry.run_id}: {entry.fingerprint}")
@@ -87,7 +88,7 @@ def enroll(silo_id: str, keys_dir: Path, replace: bool, **options) -> None:
 @settings_options(CommonSettings)
 def list_cmd(as_json: bool, **options) -> None:
     """List the run's enrolled (and revoked) silos."""
-    entries = keystore.list_enrolled(_registry(options))
+    entries = enrollment.list_enrolled(_registry(options))
     if as_json:
         click.echo(json.dumps(entries, indent=1))
         return
@@ -102,7 +103,7 @@ def list_cmd(as_json: bool, **options) -> None:
 @settings_options(CommonSettings)
 def revoke(silo_id: str, **options) -> None:
     """Revoke a silo: its next handshake (at the latest, next round) is refused."""
-    if not keystore.revoke(_registry(options), silo_id):
+    if not enrollment.revoke(_registry(options), silo_id):
         raise click.ClickException(f"{silo_id} is not enrolled in this run")
     click.echo(f"revoked {silo_id}")
 

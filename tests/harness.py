@@ -42,6 +42,7 @@ import zmq
 from broker.broker import Broker
 from shared import checkpoint
 from shared import keys as keystore
+from shared import enrollment
 from shared.handshake import make_hello
 from shared.protocol import Kind
 from shared.registration import sign_registration
@@ -388,7 +389,7 @@ class Cluster:
         self.trunk_keys = keystore.generate_trunk_keys(tmp / "keys" / "trunk")
         for sid in cfg.silo_ids:  # enrolled by the operator before the run
             silo = keystore.generate_silo_keys(tmp / "keys" / sid)
-            keystore.enroll(self.registry, sid, silo.identity_public, silo.x25519_public)
+            enrollment.enroll(self.registry, sid, silo.identity_public, silo.x25519_public)
         self.data = []
         for i in range(cfg.silos):
             path = tmp / "data" / f"silo{i}.jsonl"

@@ -14,6 +14,8 @@ import torch
 import zmq
 
 from shared import keys as keystore
+
+from shared import enrollment
 from shared.handshake import make_hello
 from shared.models import resolve_model_dir
 from shared.protocol import Kind
@@ -60,7 +62,7 @@ def test_each_door_refuses_a_silo_whose_config_differs_and_the_servers_stay_up(r
     registry.create_run({"mode": "serial", "silos": "silo0", "local_steps": 2, **meta_fields(reference)})
     trunk_keys = keystore.generate_trunk_keys(tmp_path / "trunk-keys")
     silo_keys = keystore.generate_silo_keys(tmp_path / "silo-keys")
-    keystore.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
+    enrollment.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
     front, back = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
     env = {**os.environ, "SPLITFED_REDIS_URL": REDIS_URL, "SPLITFED_KEY_PREFIX": redis_prefix, "SPLITFED_RUN_ID": RUN,
            "SPLITFED_CACHE_DIR": str(cache), "SPLITFED_MODEL": "tiny"}

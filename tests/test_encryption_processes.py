@@ -21,6 +21,7 @@ import torch
 
 from broker.broker import Broker
 from shared import keys as keystore
+from shared import enrollment
 from shared.data import SiloDataset, load_jsonl
 from shared.model_split import build_silo_parts, positions_from_mask
 from shared.models import resolve_model_dir
@@ -114,7 +115,7 @@ def test_enrollment_revocation_and_pinning(enc_federation, tmp_path):
 
     # a trunk key other than the pinned one: the silo refuses to send anything
     other = keystore.fingerprint(keystore.new_trunk_keys().x25519_public)
-    keystore.enroll(fed.registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
+    enrollment.enroll(fed.registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
     proc = fed.silo(tmp_path / "silo-keys", other)
     assert proc.returncode == 4 and "not the pinned" in proc.stderr, proc.stderr
 
@@ -123,12 +124,12 @@ def test_enrollment_revocation_and_pinning(enc_federation, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
     # revoked: refused again
-    keystore.revoke(fed.registry, "silo0")
+    enrollment.revoke(fed.registry, "silo0")
     proc = fed.silo(tmp_path / "silo-keys", fed.trunk_keys.fingerprint)
     assert proc.returncode == 5 and "revoked" in proc.stderr, proc.stderr
 
     # another silo's keys cannot register as silo0 (signature does not match the enrollment)
-    keystore.enroll(fed.registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public, replace=True)
+    enrollment.enroll(fed.registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public, replace=True)
     keystore.generate_silo_keys(tmp_path / "mallory-keys")
     proc = fed.silo(tmp_path / "mallory-keys", fed.trunk_keys.fingerprint)
     assert proc.returncode == 5 and "not signed by its enrolled identity" in proc.stderr, proc.stderr
@@ -158,7 +159,7 @@ def test_broker_never_sees_plaintext_activations(encryption, redis_prefix, tiny_
     try:
         if encryption:
             silo_keys = keystore.generate_silo_keys(tmp_path / "silo-keys")
-            keystore.enroll(fed.registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
+            enrollment.enroll(fed.registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
             proc = fed.silo(tmp_path / "silo-keys", fed.trunk_keys.fingerprint, steps=1)
         else:
             proc = fed.silo(None, None, steps=1)

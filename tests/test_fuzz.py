@@ -20,6 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared import keys as keystore
+
+from shared import enrollment
 from shared.centralized import centralized_reference
 from shared.models import resolve_model_dir
 from shared.protocol import Kind
@@ -95,9 +97,9 @@ def test_fuzzing_a_live_federation(redis_prefix, tmp_path):
     registry.create_run({"mode": "serial", "silos": "silo0,silo1", "local_steps": 3})
     trunk_keys = keystore.generate_trunk_keys(tmp_path / "trunk-keys")
     silo_keys = keystore.generate_silo_keys(tmp_path / "silo-keys")
-    keystore.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
+    enrollment.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
     evil_keys = keystore.new_silo_keys()
-    keystore.enroll(registry, "silo1", evil_keys.identity_public, evil_keys.x25519_public)
+    enrollment.enroll(registry, "silo1", evil_keys.identity_public, evil_keys.x25519_public)
     front, back = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
     env = {**os.environ, "SPLITFED_REDIS_URL": REDIS_URL, "SPLITFED_KEY_PREFIX": redis_prefix, "SPLITFED_RUN_ID": RUN,
            "SPLITFED_MODEL": "tiny"}

@@ -14,6 +14,8 @@ import subprocess
 import pytest
 
 from shared import keys as keystore
+
+from shared import enrollment
 from shared.adapter_files import load_split_adapters
 from shared.adapters import AdapterConfig
 from shared.generation import LocalTrunk, Sampling, generate_texts
@@ -54,7 +56,7 @@ def test_live_generation_equals_local_split_generation_and_sends_one_position_pe
     env = role_env(redis_prefix, run_id, tiny_dir.parent.parent)
     trunk_keys = keystore.generate_trunk_keys(tmp_path / "trunk-keys")
     silo_keys = keystore.generate_silo_keys(tmp_path / "silo-keys")
-    keystore.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
+    enrollment.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
     data, prompts, out = tmp_path / "train.jsonl", tmp_path / "prompts.jsonl", tmp_path / "generated.json"
     data.write_text("".join(json.dumps({"prompt": f"Item {i}:", "completion": f" answer {i % 3}"}) + "\n" for i in range(8)))
     prompts.write_text("".join(json.dumps({"prompt": p, "completion": " ?"}) + "\n" for p in PROMPTS))

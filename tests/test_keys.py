@@ -7,26 +7,21 @@ import stat
 
 import pytest
 
-from shared import keys
+from shared import enrollment, keys
+from shared.enrollment import enroll, list_enrolled, lookup, publish_trunk_key, revoke, trunk_public_key
 from shared.keys import (
     InsecureKeyFileWarning,
     KeyFileError,
     KeyStoreError,
     display_fingerprint,
-    enroll,
     fingerprint,
     fingerprints_equal,
     generate_silo_keys,
     generate_trunk_keys,
-    list_enrolled,
     load_silo_keys,
     load_silo_public,
     load_trunk_keys,
-    lookup,
     normalize_fingerprint,
-    publish_trunk_key,
-    revoke,
-    trunk_public_key,
 )
 
 
@@ -209,7 +204,7 @@ def test_trunk_key_publication_and_slots(registry):
     fp = publish_trunk_key(registry, t.x25519_public)
     assert fp == t.fingerprint and trunk_public_key(registry) == t.x25519_public
     assert registry.redis.hget(registry.key("keys", "trunk"), "fingerprint") == fp
-    slots = [keys.claim_sender_slot(registry) for _ in range(5)]
+    slots = [enrollment.claim_sender_slot(registry) for _ in range(5)]
     assert slots == sorted(set(slots)) and slots[0] >= 1
     # every key lives under this run's prefix
     assert all(k.startswith(f"{registry.prefix}:run:run1:keys:") for k in registry.run_keys())

@@ -301,6 +301,7 @@ def _status(splitfed: str, env: dict, run: str) -> dict:
 @pytest.mark.slow
 def test_roles_run_from_unit_command_lines_and_env_files(redis_prefix, tmp_path):
     from shared import keys as keystore
+    from shared import enrollment
     from shared.registry import Registry
     from tests.conftest import REDIS_URL
 
@@ -312,7 +313,7 @@ def test_roles_run_from_unit_command_lines_and_env_files(redis_prefix, tmp_path)
     registry.create_run({"mode": "serial", "silos": "silo0", "local_steps": 3, "model": "tiny"})
     trunk_keys = keystore.generate_trunk_keys(state / "keys" / "trunk")
     silo_keys = keystore.generate_silo_keys(state / "keys" / "silo")
-    keystore.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
+    enrollment.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
     data = state / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Note {i}:", "completion": f" class {i % 3}"}) + "\n"
                             for i in range(32)))

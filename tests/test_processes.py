@@ -21,6 +21,8 @@ import torch
 import zmq
 
 from shared import keys as keystore
+
+from shared import enrollment
 from shared.centralized import centralized_reference
 from shared.models import resolve_model_dir
 from shared.protocol import Kind
@@ -103,7 +105,7 @@ def test_live_roles_survive_bad_frames_and_honest_silo_is_unaffected(redis_prefi
     env = role_env(redis_prefix, run_id, tiny_dir.parent.parent)
     trunk_keys = keystore.generate_trunk_keys(tmp_path / "trunk-keys")
     silo_keys = keystore.generate_silo_keys(tmp_path / "silo-keys")
-    keystore.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
+    enrollment.enroll(registry, "silo0", silo_keys.identity_public, silo_keys.x25519_public)
     data = tmp_path / "silo0.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Item {i}:", "completion": f" answer {i % 3}"}) + "\n" for i in range(16)))
     procs = [

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
-from shared import keys
+from shared import enrollment, keys
 from shared.handshake import HELLO_SIZE, HelloGuard, accept_hello, make_hello, peek_hello
-from shared.keys import enroll, fingerprint, revoke
+from shared.enrollment import enroll, revoke
+from shared.keys import fingerprint
 from shared.protocol import Kind
 from shared.sealing import ACK_SIZE, ReplayWindow, SealError, open_message, seal_message
 from shared.wire import (
@@ -58,7 +59,7 @@ def allow(registry, silo_a, silo_b):
     """Both silos enrolled in real Redis; returns the lookup function a trunk worker would use."""
     for p in (silo_a, silo_b):
         enroll(registry, p.silo_id, p.keys.identity_public, p.keys.x25519_public)
-    return lambda sid: keys.lookup(registry, sid)
+    return lambda sid: enrollment.lookup(registry, sid)
 
 
 def handshake(party, trunk, lookup_fn, round_no=0, cipher="aes-gcm", **accept_kw):

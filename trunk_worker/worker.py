@@ -20,6 +20,7 @@ import zmq
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from shared import checkpoint
+from shared import enrollment
 from shared import keys as keystore
 from shared.adapter_files import adapter_metadata, save_adapter_file
 from shared.adapters import adapter_state_dict, apply_adapter
@@ -115,9 +116,9 @@ class TrunkWorker:
             raise ValueError("encryption is on: pass --keys-dir with the trunk service key "
                              "(make one with `splitfed keys gen --role trunk --out DIR`)")
         self.keys = keystore.load_trunk_keys(settings.keys_dir)
-        keystore.publish_trunk_key(registry, self.keys.x25519_public)
+        enrollment.publish_trunk_key(registry, self.keys.x25519_public)
         # Workers of one service share its key: each seals under its own nonce slot.
-        self.sender_slot = keystore.claim_sender_slot(registry)
+        self.sender_slot = enrollment.claim_sender_slot(registry)
         self.hello_guard = HelloGuard()
         log.info("trunk service key %s", keystore.display_fingerprint(self.keys.fingerprint))
         return SealedCodec(settings.max_tensor_bytes)
@@ -276,7 +277,7 @@ class TrunkWorker:
         if self.accepted_hellos.get(msg.silo_id) == raw:
             return None  # the same hello again (replayed to us by the broker): the session stands
         session = accept_hello(
-            raw, self.keys, lambda silo: retry_redis(keystore.lookup, self.registry, silo),
+            raw, self.keys, lambda silo: retry_redis(enrollment.lookup, self.registry, silo),
             self.settings.run_id, allowed_ciphers=(self.settings.cipher,), guard=self.hello_guard,
             sender_slot=self.sender_slot, max_tensor_bytes=self.settings.max_tensor_bytes,
             config_digest=self._hello_config_digest(msg))

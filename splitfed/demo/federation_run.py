@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared import enrollment
 from shared import keys as keystore
 from shared.bbc import demo_examples, split_for_silos
 from shared.registry import Registry
@@ -117,7 +118,7 @@ def make_throwaway_keys(run_dir: Path, cfg: DemoConfig, registry: Registry) -> d
     env = {"trunk": {"SPLITFED_KEYS_DIR": str(run_dir / "keys" / "trunk")}}
     for sid in cfg.silo_ids:
         silo = keystore.generate_silo_keys(run_dir / "keys" / sid)
-        keystore.enroll(registry, sid, silo.identity_public, silo.x25519_public)
+        enrollment.enroll(registry, sid, silo.identity_public, silo.x25519_public)
         env[sid] = {"SPLITFED_KEYS_DIR": str(run_dir / "keys" / sid), "SPLITFED_TRUNK_FINGERPRINT": trunk.fingerprint}
     return env
 
