@@ -97,6 +97,9 @@ class TrunkSettings(CryptoSettings):
     broker_backend: str = Field("tcp://127.0.0.1:5556", description="broker address for trunk workers")
     worker_id: Identifier = Field("trunk0", description="this worker's id")
     device: str = Field("cpu", description="torch device of the trunk ('cpu', 'cuda', 'cuda:1')")
+    devices: str | None = Field(None, description="several devices of this host for the trunk's blocks, "
+                                "comma-separated ('cuda:0,cuda:1'): contiguous spans, one per device "
+                                "(overrides device)")
     trunk_quant: Literal["none", "nf4", "int8"] = Field("none", description="frozen base of the trunk's blocks in "
                                                         "NF4 or int8 (bitsandbytes; QLoRA: adapters stay fp32)")
     max_pending: int = Field(64, ge=1, description="forward graphs kept while waiting for their backward")

@@ -95,9 +95,8 @@ def test_the_trunk_loads_its_base_quantized_and_refuses_full_fine_tuning_of_it(m
     from trunk_worker.base_model import load_trunk_base
 
     with pytest.raises(ValueError, match="--trunk-quant nf4 freezes the trunk's base: use --adapter lora or prefix"):
-        load_trunk_base(model_dir, TrunkSettings(trunk_quant="nf4", adapter="full"), torch.device("cpu"))
+        load_trunk_base(model_dir, TrunkSettings(trunk_quant="nf4", adapter="full"))
     with caplog.at_level("INFO", logger="trunk"):
-        trunk = load_trunk_base(model_dir, TrunkSettings(trunk_quant="nf4", head_layers=1, tail_layers=1),
-                                torch.device("cpu"))
+        trunk, _ = load_trunk_base(model_dir, TrunkSettings(trunk_quant="nf4", head_layers=1, tail_layers=1))
     assert not any(type(m) is nn.Linear for m in trunk.modules())  # every block's linears swapped while loading
     assert "trunk base quantized to nf4: 28 linear layers" in caplog.text  # 4 middle blocks x 7

@@ -65,9 +65,8 @@ class TrunkWorker:
     def __init__(self, settings: TrunkSettings, registry: Registry, model_dir) -> None:
         self.settings = settings
         self.registry = registry
-        self.device = torch.device(settings.device)
         self.wire_dtype = WIRE_DTYPE_BY_NAME[settings.wire_dtype]
-        self.trunk = load_trunk_base(model_dir, settings, self.device)
+        self.trunk, self.device = load_trunk_base(model_dir, settings)  # device: where its inputs go
         self.trainable = apply_adapter(self.trunk, settings.adapter_config(), settings.seed)
         self.hidden_size = self.trunk.config.hidden_size
         self.compute_dtype = WIRE_DTYPE_BY_NAME[settings.dtype]  # the base's (adapters are fp32 masters)
