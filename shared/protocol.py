@@ -126,8 +126,6 @@ class Reason(str, enum.Enum):
     STRAGGLER = "straggler"  # client-batch: the step's trunk batch left without this silo
     RETRY = "retry"  # the step was lost with its trunk worker: send it again
     DUPLICATE = "duplicate"  # a second FORWARD for a step already queued
-    QUEUE_FULL = "queue_full"
-    WRONG_RUN = "wrong_run"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +158,6 @@ class ErrorReason:
     @classmethod
     def of(cls, reason: Reason | str, detail: str = "") -> ErrorReason:
         return cls(reason.value if isinstance(reason, Reason) else reason, detail)
-
-
-class Flag(enum.IntFlag):
-    NONE = 0
-    SEALED = 1  # payload frames are AEAD ciphertexts (set by the sealing layer)
 
 
 class WireDtype(enum.IntEnum):
