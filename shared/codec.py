@@ -13,13 +13,13 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from shared.wire import Message, message_from_wire, message_to_wire
+from shared.wire import Message, SplitMessage, message_from_wire, message_to_wire
 
 
 class Codec(Protocol):
     def encode(self, msg: Message) -> list: ...
 
-    def decode(self, frames: Sequence) -> Message: ...
+    def decode(self, frames: Sequence, split: SplitMessage | None = None) -> Message: ...
 
 
 class PlainCodec:
@@ -37,11 +37,11 @@ class PlainCodec:
         self.encode_s += time.perf_counter() - t0
         return frames
 
-    def decode(self, frames: Sequence) -> Message:
-        """Raises shared.wire.FrameError on anything malformed."""
+    def decode(self, frames: Sequence, split: SplitMessage | None = None) -> Message:
+        """Raises shared.wire.FrameError on anything malformed. ``split``: split_frames' result."""
         t0 = time.perf_counter()
         try:
-            return message_from_wire(frames, self.max_tensor_bytes)
+            return message_from_wire(frames, self.max_tensor_bytes, split)
         finally:
             self.decode_s += time.perf_counter() - t0
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from shared.buffers import BufferPool
 from shared.protocol import Kind
 from shared.sealing import SealError, Session, open_message, seal_message
-from shared.wire import Message, message_from_wire, message_to_wire, split_frames
+from shared.wire import Message, SplitMessage, message_from_wire, message_to_wire, split_frames
 
 # Aggregation messages are for the broker, which must read them: uploads are masked instead
 # (shared/secure_agg.py), and a TRUNK_SYNC payload is sealed for the trunk service's workers.
@@ -70,16 +70,18 @@ class SealedCodec:
         self.encode_s += time.perf_counter() - t0
         return frames
 
-    def decode(self, frames: Sequence) -> Message:
+    def decode(self, frames: Sequence, split: SplitMessage | None = None) -> Message:
+        """``split``: split_frames' result, if the caller has it (the header is parsed once)."""
         t0 = time.perf_counter()
         try:
-            header, *_ = split_frames(frames, self.max_tensor_bytes)
+            split = split or split_frames(frames, self.max_tensor_bytes)
+            header = split[0]
             if not header.sealed:
                 if header.kind not in CLEAR_KINDS:
                     raise SealError("not_sealed", f"{header.kind.name} must be sealed")
-                return message_from_wire(frames, self.max_tensor_bytes)
+                return message_from_wire(frames, self.max_tensor_bytes, split)
             return open_message(self.sessions.get(header.silo_id, header.round), frames, self.max_tensor_bytes,
-                                self.recv_buffers.take)
+                                self.recv_buffers.take, split)
         finally:
             self.decode_s += time.perf_counter() - t0
 

@@ -60,6 +60,7 @@ from shared.wire import (
     FrameError,
     Header,
     Message,
+    SplitMessage,
     check_schema,
     header_from_wire,
     message_to_wire,
@@ -318,12 +319,13 @@ def seal_message(session: Session, msg: Message, take: Callable[[int], memoryvie
 
 
 def open_message(session: Session, frames: Sequence, max_tensor_bytes: int | None = None,
-                 take: Callable[[int], memoryview] | None = None) -> Message:
+                 take: Callable[[int], memoryview] | None = None, split: SplitMessage | None = None) -> Message:
     """Validate, authenticate, decrypt and schema-check a sealed message. ``seq`` is the nonce seq.
 
     ``take(nbytes)``: where the plaintexts go; the returned tensors alias those buffers.
+    ``split``: split_frames' result, if the caller has it (the header is then not parsed again).
     """
-    header, header_bytes, payloads, _ = split_frames(frames, max_tensor_bytes or session.max_tensor_bytes)
+    header, header_bytes, payloads, _ = split or split_frames(frames, max_tensor_bytes or session.max_tensor_bytes)
     out = [take(d.nbytes) for d in header.tensors] if take is not None and HAS_INTO else None
     bufs = session.open(header_bytes, payloads, out=out, header=header)
     tensors = [tensor_from_wire(d, b) for d, b in zip(header.tensors, bufs)]

@@ -260,14 +260,22 @@ def message_to_wire(msg: Message, flags: int = 0) -> list[bytes | memoryview]:
     return [header_to_wire(header), *payloads, *text_frames]
 
 
+SplitMessage = tuple[Header, bytes, list, str | None]  # (header, header bytes, payload frames, text)
+
+
 def split_frames(
-    frames: Sequence[bytes | memoryview], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
-) -> tuple[Header, bytes, list, str | None]:
-    """Validate the frame list's structure; return (header, header bytes, payload frames, text)."""
+    frames: Sequence[bytes | memoryview], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    header: Header | None = None,
+) -> SplitMessage:
+    """Validate the frame list's structure; return (header, header bytes, payload frames, text).
+
+    ``header``: the header already parsed from ``frames[0]`` (by a receiver that looked at its kind
+    first), so it is parsed once on its way in."""
     if not frames:
         raise FrameError("truncated", "empty message")
     header_bytes = bytes(frames[0])
-    header = header_from_wire(header_bytes, max_tensor_bytes)
+    if header is None:
+        header = header_from_wire(header_bytes, max_tensor_bytes)
     want = 1 + len(header.tensors) + (1 if header.has_text else 0)
     if len(frames) != want:
         raise FrameError("frame_count", f"{len(frames)} frames, header says {want}")
@@ -287,10 +295,12 @@ def split_frames(
 
 
 def message_from_wire(
-    frames: Sequence[bytes | memoryview], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES
+    frames: Sequence[bytes | memoryview], max_tensor_bytes: int = DEFAULT_MAX_TENSOR_BYTES,
+    split: SplitMessage | None = None,
 ) -> Message:
-    """Decode an unsealed message. Raises FrameError on anything malformed."""
-    header, _, payloads, text = split_frames(frames, max_tensor_bytes)
+    """Decode an unsealed message (``split``: split_frames' result, if the caller has it).
+    Raises FrameError on anything malformed."""
+    header, _, payloads, text = split or split_frames(frames, max_tensor_bytes)
     if header.sealed:
         raise FrameError("sealed", "sealed payloads need a session (shared.sealing)")
     tensors = [tensor_from_wire(d, p) for d, p in zip(header.tensors, payloads)]

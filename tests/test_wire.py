@@ -252,3 +252,22 @@ def test_header_struct_is_stable():
     # The layout is the protocol: changing it needs a PROTOCOL_VERSION bump.
     assert HEADER.size == 56 and TENSOR_DESC.size == 20
     assert struct.calcsize("<4sBBBB16s16sIIQ") == HEADER.size
+
+
+def test_a_header_parsed_once_is_handed_along_not_parsed_again(monkeypatch):
+    """The trunk parses a frame's header to see its kind; split_frames and the codec then reuse it."""
+    import shared.wire as wire
+    from shared.codec import PlainCodec
+
+    msg = Message(Kind.FORWARD, "run1", "silo0", 0, 3, tensors=[torch.ones(1, 2, 4), torch.ones(1, 2, dtype=torch.uint8),
+                                                                 torch.zeros(1, 2, dtype=torch.int32)])
+    frames = message_to_wire(msg)
+    header = wire.header_from_wire(frames[0])
+
+    def parsed_again(*_a, **_k):
+        raise AssertionError("the header was parsed a second time")
+
+    monkeypatch.setattr(wire, "header_from_wire", parsed_again)
+    split = wire.split_frames(frames, header=header)
+    back = PlainCodec(1 << 20).decode(frames, split)
+    assert (back.kind, back.step) == (Kind.FORWARD, 3) and torch.equal(back.tensors[0], msg.tensors[0])

@@ -37,7 +37,7 @@ from shared.sealing import SealError
 from shared.settings import TrunkSettings
 from shared.step_timeline import StepTimeline
 from shared.transport import client_socket
-from shared.wire import FrameError, Message, bundle_from_wire, header_from_wire
+from shared.wire import FrameError, Message, bundle_from_wire, header_from_wire, split_frames
 from trunk_worker.batch_step import BatchSteps
 from trunk_worker.base_model import load_trunk_base
 from trunk_worker.beacon import Beacon
@@ -210,9 +210,11 @@ class TrunkWorker:
 
     def handle(self, frames: list) -> None:
         try:
-            if header_from_wire(frames[0], self.settings.max_tensor_bytes).kind == Kind.BUNDLE:
+            header = header_from_wire(frames[0], self.settings.max_tensor_bytes)
+            if header.kind == Kind.BUNDLE:
                 return self.bundle(frames)
-            msg = self.codec.decode(frames)
+            # the header is parsed here, once: split_frames, the codec and the session reuse it
+            msg = self.codec.decode(frames, split_frames(frames, self.settings.max_tensor_bytes, header))
             if msg.run_id != self.settings.run_id:
                 raise StepError("wrong_run", f"frame for run {msg.run_id}")
             if msg.kind == Kind.FORWARD:
