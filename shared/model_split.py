@@ -363,12 +363,10 @@ def build_silo_parts(
     head = build_part(model_dir, "head", head_layers, tail_layers, **kw)
     facts = head.facts
     tied = head.config.tie_word_embeddings
-    # Tied: the tail never loads a copy of the embedding (measured: 1 GB of load peak on a 1B
-    # Llama in fp32, the whole vocabulary matrix converted a second time only to be replaced)
+    # Tied: the tail's LM head is assigned the head's embedding Parameter itself, never loaded
+    # (measured: a separate copy cost 1 GB of load peak on a 1B Llama in fp32, only to be replaced)
     given = {f"{facts.lm_head}.weight": head.get_submodule(facts.embed).weight} if tied else None
     tail = build_part(model_dir, "tail", head_layers, tail_layers, **kw, given=given)
-    if tied:
-        tail.get_submodule(facts.lm_head).weight = head.get_submodule(facts.embed).weight
     return head, tail
 
 
