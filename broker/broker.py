@@ -22,12 +22,10 @@ from dataclasses import dataclass
 import zmq
 from redis import RedisError
 
-from broker.assignment import Assignment
-from broker.batch_window import BatchWindow
 from broker.generation_routes import GenerationRoutes
 from broker.redis_writes import RedisWrites
 from broker.rounds import RoundAggregator
-from broker.serial import SerialScheduler
+from broker.schedules import StepRoutes, replay_membership, schedule_for
 from broker.trunk_rounds import TrunkRounds
 from shared import failpoints
 from shared import enrollment
@@ -43,8 +41,6 @@ from shared.wire import (
     FrameError,
     Header,
     Message,
-    bundle_to_wire,
-    header_from_wire,
     message_from_wire,
     message_to_wire,
     split_frames,
@@ -68,11 +64,12 @@ class Broker:
         self.run_id = settings.run_id
         self.silos = list(silos)
         self.local_steps = local_steps
-        self.mode = settings.mode
         # Every Redis write of the poll loop goes through this background writer (counters coalesce).
         self.writes = RedisWrites(registry, flush_s=min(settings.heartbeat_s, 0.5))
-        self.assignment = (Assignment(lambda silo, w: self.writes.call("assign", registry.assign, silo, w))
-                           if self.mode == "hierarchical" else None)
+        # What the mode decides (when a FORWARD goes, to which worker): broker/schedules.py.
+        self.schedule = schedule_for(settings, self.silos,
+                                     lambda silo, w: self.writes.call("assign", registry.assign, silo, w))
+        self.routes = StepRoutes()  # which worker holds each silo's open step
         self.left: set[str] = set()
         self.away: set[str] = set()  # silent past round_timeout_s: skipped until they register again
         self.silo_identity: dict[str, bytes] = {}
@@ -99,8 +96,6 @@ class Broker:
         self.workers: dict[str, Worker] = {}
         self.worker_seen: dict[str, float] = {}  # last frame from each worker: liveness over ZeroMQ
         self.purged: dict[str, Worker] = {}  # declared dead; readmitted if their heartbeat comes back
-        self._next_worker = 0
-        self.step_worker: dict[str, str] = {}  # silo -> worker holding its open step's graph
         self.generation_routes = GenerationRoutes()
         # Every worker must hold a silo's session: hellos go to all workers, and the latest one per
         # silo is replayed to workers that join later. One ack per (silo, round) goes back.
@@ -201,14 +196,13 @@ class Broker:
             if known is not None and known != identity and silent_s < self.settings.liveness_ttl_s:
                 # A live silo keeps its connection: another peer may not take its place. A restarted
                 # silo gets it once the old connection has been silent for liveness_ttl_s.
-                self._reject("identity_taken", f"{silo} is registered on another connection that is alive",
+                self._reject(Reason.IDENTITY_TAKEN, f"{silo} is registered on another connection that is alive",
                              self.frontend, identity, header)
                 return
             self.silo_identity[silo] = identity
             self.silo_seen[silo] = time.monotonic()
             self.left.discard(silo)
-            if self.window is not None:
-                self.window.silo_registered(silo)
+            self.schedule.silo_registered(silo)
             self._admit(silo, header, "silo", frames)
             self.rolling_back.discard(silo)
             self._send(self.frontend, identity, Message(Kind.READY, self.run_id, silo, text=ResumePoint(self.committed_round).to_text()))
@@ -216,7 +210,7 @@ class Broker:
             return
         if silo not in self.silo_identity:
             # Not registered with this broker (it restarted, or the silo never said READY).
-            self._reject("register", f"{silo} is not registered with this broker (say READY)", self.frontend,
+            self._reject(Reason.REGISTER, f"{silo} is not registered with this broker (say READY)", self.frontend,
                          identity, header)
             return
         if self.silo_identity.get(silo) != identity:
@@ -235,7 +229,7 @@ class Broker:
         elif header.kind == Kind.FORWARD:
             self._submit_forward(silo, header, frames, identity)
         elif header.kind == Kind.BACKWARD:
-            worker = self.step_worker.get(silo)
+            worker = self.routes.holder.get(silo)
             if worker is None or worker not in self.workers:
                 self._reject("no_open_step", f"BACKWARD step {header.step} without an open step", self.frontend, identity, header)
                 return
@@ -253,8 +247,7 @@ class Broker:
         elif header.kind == Kind.CHECKPOINTED:
             self.rounds.checkpointed(silo, header.round)
         elif header.kind in GENERATION_KINDS:  # split generation: to the worker holding the cache, no turn taken
-            assigned = self.assignment.of.get(silo) if self.assignment is not None else None
-            worker = self.generation_routes.pick(header, self.workers, assigned)
+            worker = self.generation_routes.pick(header, self.workers, self.schedule.home_worker(silo))
             if worker is None and header.kind == Kind.GENERATE:
                 self._reject("no_generation", "no trunk worker holds a generation for this silo", self.frontend, identity, header)
                 return
@@ -353,75 +346,31 @@ class Broker:
         if header.kind in (Kind.FORWARD_RESULT, Kind.BACKWARD_RESULT, Kind.ERROR, Kind.GENERATE_RESULT):
             self._route(self.frontend, target, frames)
             if header.kind in (Kind.BACKWARD_RESULT, Kind.ERROR):
-                # serial micro-batches: the turn (and the BACKWARD route) lasts until the step's last result
-                if self.scheduler is None or self.scheduler.step_finished(silo, header.kind == Kind.ERROR):
-                    self.step_worker.pop(silo, None)
+                if self.schedule.result_routed(silo, error=header.kind == Kind.ERROR):
+                    self.routes.holder.pop(silo, None)
         else:
             log.warning("unexpected %s from worker dropped", header.kind.name)
             self.writes.count_rejected("unexpected_kind")
 
     # ------------------------------------------------------------------ dispatch and routing
     def _submit_forward(self, silo: str, header: Header, frames: list, identity: bytes) -> None:
-        if self.scheduler is not None:
-            if not self.scheduler.submit(silo, frames, header.step):
-                self._reject("queue_full", f"too many FORWARDs waiting for {silo}'s turn", self.frontend, identity, header)
-        elif self.window is not None:
-            if refusal := self.window.submit(silo, header.step, frames):
-                self._reject(refusal.name, refusal.detail, self.frontend, identity, header)
-        else:
-            self.held.append((silo, frames))  # routed at once by _dispatch, to the silo's own worker
+        if refusal := self.schedule.submit(silo, header.step, frames):
+            self._reject(refusal.name, refusal.detail, self.frontend, identity, header)
 
     def _ready_workers(self) -> list[str]:
         return [w for w in self.workers if w not in self.rolling_back]
 
     def _dispatch(self) -> None:
-        if not self._ready_workers():
-            return
-        if self.scheduler is not None:
-            while (ready := self.scheduler.next_dispatch()) is not None:
-                silo, frames = ready
-                # a turn's micro-batches go to the worker holding its first graph
-                worker = self.step_worker.get(silo) or self._round_robin()
-                self._send_step(worker, [silo], frames)
-        elif self.window is not None:
-            for batch in self.window.ready():
-                members = [batch.members[s] for s in sorted(batch.members)]
-                first = header_from_wire(members[0][0].buffer, self.settings.max_tensor_bytes)
-                bundle = Message(Kind.BUNDLE, self.run_id, "broker", first.round, batch.step)
-                self._send_step(self._round_robin(), sorted(batch.members),
-                                bundle_to_wire(bundle, [[f.buffer for f in m] for m in members]))
-        else:
-            # Each worker keeps at most max_inflight steps' graphs: its memory stays bounded however
-            # many silos it serves, and the rest wait here in arrival order.
-            open_steps: dict[str, int] = {}
-            for w in self.step_worker.values():
-                open_steps[w] = open_steps.get(w, 0) + 1
-            held, self.held = self.held, []
-            for silo, frames in held:
-                worker = self.assignment.worker_for(silo, sorted(self._ready_workers()))
-                if worker is None:
-                    self.held.append((silo, frames))
-                    continue
-                if open_steps.get(worker, 0) >= self.settings.max_inflight:
-                    self.held.append((silo, frames))
-                    continue
-                open_steps[worker] = open_steps.get(worker, 0) + 1
-                self._send_step(worker, [silo], frames)
-
-    def _round_robin(self) -> str:
-        workers = sorted(self._ready_workers())
-        self._next_worker += 1
-        return workers[(self._next_worker - 1) % len(workers)]
+        if ready := sorted(self._ready_workers()):
+            self.schedule.dispatch(ready, self.routes, self._send_step)
 
     def _send_step(self, worker_id: str, silos: list[str], frames: list) -> None:
         for silo in silos:
-            self.step_worker[silo] = worker_id  # its BACKWARD must reach the graph's holder
+            self.routes.holder[silo] = worker_id  # its BACKWARD must reach the graph's holder
         self._forward_to_worker(self.workers[worker_id], frames)
 
     def _waiting(self) -> int:
-        if self.scheduler is not None:
-            return self.scheduler.waiting
-        return self.window.waiting if self.window is not None else len(self.held)
+        return self.schedule.waiting
 
     def _active_silos(self) -> set[str]:
         return set(self.silos) - self.left - self.away
@@ -494,31 +443,20 @@ class Broker:
                 self.rounds.drop(silo, "away")
 
     def _unschedule(self, silo: str) -> None:
-        """``silo`` left or went away: the serial turn order and the batch window stop waiting for it."""
-        if self.scheduler is not None:
-            self.scheduler.silo_done(silo)
-        if self.window is not None:
-            self.window.silo_done(silo)
+        """``silo`` left or went away: the schedule stops waiting for it."""
+        self.schedule.silo_gone(silo)
 
     def _purge_worker(self, worker_id: str) -> None:
         log.warning("trunk worker %s is dead (silent for %ss): purging it", worker_id, self.settings.liveness_ttl_s)
         self.purged[worker_id] = self.workers.pop(worker_id)
-        for silo, w in list(self.step_worker.items()):
+        for silo, w in list(self.routes.holder.items()):
             if w != worker_id:
                 continue
-            del self.step_worker[silo]  # its open step is lost: the silo sends it again
-            if self.scheduler is not None:
-                self.scheduler.step_finished(silo)
-            if self.window is not None:
-                for sent in self.window.dispatched.values():
-                    sent.discard(silo)
+            del self.routes.holder[silo]  # its open step is lost: the silo sends it again
+            self.schedule.step_lost(silo)
             self._send_to_silo(silo, Message(Kind.ERROR, self.run_id, silo,
                                              text=ErrorReason.of(Reason.RETRY, f"trunk worker {worker_id} lost").to_text()))
-        its_silos: set[str] = set()
-        if self.assignment is not None:  # its silos move now, so Redis and `splitfed status` say so
-            its_silos = set(self.assignment.silos_of(worker_id))
-            for silo in sorted(its_silos):
-                self.assignment.worker_for(silo, sorted(self._ready_workers()))
+        its_silos = self.schedule.worker_lost(worker_id, sorted(self._ready_workers()))
         finished, resend = self.trunk_rounds.worker_lost(worker_id, its_silos)
         for rnd, round_ends in resend.items():
             self._send_round_ends(rnd, round_ends)
@@ -532,9 +470,7 @@ class Broker:
         workers = sorted(self._ready_workers())
         if not workers:
             return False
-        averaging: list[str] = []
-        if self.assignment is not None and not self.settings.personalize:
-            averaging = sorted({w for s, w in self.assignment.of.items() if s in weights and w in workers})
+        averaging = self.schedule.averaging_workers(weights, workers)
         self._send_round_ends(rnd, self.trunk_rounds.start(rnd, workers, averaging, weights))
         return True
 
@@ -563,16 +499,9 @@ class Broker:
     def _reset_schedule(self) -> None:
         """Fresh scheduling state: at start, and when the run rolls back to a committed round."""
         s = self.settings
-        self.scheduler = SerialScheduler(self.silos) if self.mode == "serial" else None
-        self.window = (BatchWindow(self.silos, s.batch_window_ms / 1000, s.batch_max_silos, s.round_timeout_s)
-                       if self.mode == "client-batch" else None)
-        for silo in self.left | self.away:
-            self._unschedule(silo)
-        if self.window is not None:
-            for silo in self.silo_identity:
-                self.window.silo_registered(silo)
-        self.held: list[tuple[str, list]] = []  # hierarchical FORWARDs waiting for their worker
-        self.step_worker: dict[str, str] = {}  # silo -> worker holding its open step's graph
+        self.schedule.reset()
+        replay_membership(self.schedule, registered=self.silo_identity, gone=self.left | self.away)
+        self.routes.holder.clear()
         self.rounds = RoundAggregator(self.run_id, s.round_timeout_s, self._send_to_silo, self._start_trunk_sync,
                                       self._commit_round, aggregate=s.aggregation == "fedavg")
         self.trunk_rounds = TrunkRounds()
@@ -648,10 +577,7 @@ class Broker:
                                                                   text=ResumePoint(rnd).to_rollback_text()))
 
     def _reset_schedule_for_return(self, silo: str) -> None:
-        if self.scheduler is not None:
-            self.scheduler.silo_back(silo)
-        if self.window is not None:
-            self.window.left.discard(silo)
+        self.schedule.silo_back(silo)
 
     def _redis(self, what: str, fn, *args):
         """A Redis call off the hot path that must not take the broker down while Redis restarts."""
@@ -676,7 +602,9 @@ class Broker:
             return None
         return header
 
-    def _reject(self, reason: str, detail: str, sock: zmq.Socket | None, identity: bytes | None, header: Header) -> None:
+    def _reject(self, reason: Reason | str, detail: str, sock: zmq.Socket | None, identity: bytes | None,
+                header: Header) -> None:
+        reason = ErrorReason.of(reason).name  # the code's value: counters and metrics are keyed by it
         self.stats["rejected"] += 1
         self.writes.count_rejected(reason)
         self.metrics.rejected(reason)

@@ -171,6 +171,8 @@ class HarnessWorker(TrunkWorker):
         self.received: list[tuple[Kind, str, int, int, str]] = []  # (kind, silo/worker id, round, step, text)
         self.bundles: list[dict] = []  # client-batch: per update, the step, its members, who sent a gradient
         super().__init__(settings, registry, model_dir)
+        if hasattr(self.steps, "finish_bundle"):
+            self._record_bundles()
 
     def handle(self, frames: list) -> None:
         try:
@@ -187,10 +189,16 @@ class HarnessWorker(TrunkWorker):
         if self._pass_gates("send", msg.kind, msg.step):
             super()._send(msg)
 
-    def _finish_bundle(self, bundle) -> None:
-        self.bundles.append({"step": bundle.members[0].step, "members": sorted(bundle.silos),
-                             "gradients": sorted(bundle.grads)})
-        super()._finish_bundle(bundle)
+    def _record_bundles(self) -> None:
+        """Client-batch: each update's members are recorded as the runner finishes its bundle."""
+        finish = self.steps.finish_bundle
+
+        def recorded(bundle) -> None:
+            self.bundles.append({"step": bundle.members[0].step, "members": sorted(bundle.silos),
+                                 "gradients": sorted(bundle.grads)})
+            finish(bundle)
+
+        self.steps.finish_bundle = recorded
 
     def _start_beacon(self) -> Beacon:
         """The worker's beacon thread goes quiet while a Gate holds the worker, as a stopped process's would."""

@@ -1,8 +1,8 @@
 """The trunk worker: runs the middle blocks forward and backward for the silos' steps.
 
-For each FORWARD it keeps the autograd graph (input h1 and output h2) until that step's BACKWARD
-arrives, then back-propagates dL/dh2, steps the trunk's own optimizer and returns dL/dh1.
-The worker never sees token ids, labels or the loss: only hidden states and their gradients.
+The worker owns the connection to the broker, the silos' sessions, registration and recovery; what
+a step does in the run's mode is its step runner's (trunk_worker/serial_steps.py and the runners
+beside it). The worker never sees token ids, labels or the loss: only hidden states and their gradients.
 """
 
 from __future__ import annotations
@@ -17,19 +17,17 @@ from pathlib import Path
 
 import torch
 import zmq
-from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from shared import checkpoint
 from shared import enrollment
 from shared import keys as keystore
-from shared.adapter_files import adapter_metadata, save_adapter_file
-from shared.adapters import adapter_state_dict, apply_adapter
+from shared.adapter_files import adapter_metadata
+from shared.adapters import apply_adapter
 from shared.codec import PlainCodec
-from shared.control_text import PeerIntro, ResumePoint, RoundEnd
+from shared.control_text import PeerIntro, ResumePoint
 from shared.handshake import HelloGuard, accept_hello
 from shared.metrics import RoleMetrics
-from shared.optim import make_optimizer
-from shared.protocol import BROKER_LIVENESS, GENERATION_KINDS, WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
+from shared.protocol import BROKER_LIVENESS, WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
 from shared.registry import Heartbeat, Registry, retry_redis
 from shared.run_config import ConfigMismatch, claim_line, config_digest, describe, differences, parse_claim, run_config
 from shared.sealed_codec import SealedCodec
@@ -38,59 +36,28 @@ from shared.settings import TrunkSettings
 from shared.step_timeline import StepTimeline
 from shared.transport import client_socket
 from shared.wire import FrameError, Message, bundle_from_wire, header_from_wire, split_frames
-from trunk_worker.batch_step import BatchSteps
 from trunk_worker.base_model import load_trunk_base
 from trunk_worker.beacon import Beacon
-from trunk_worker.checkpointing import load_trunk, save_trunk
+from trunk_worker.client_batch_steps import ClientBatchSteps
 from trunk_worker.generation import GenerationError, TrunkGenerations
-from trunk_worker.pending_graphs import PendingGraphs
-from trunk_worker.silo_adapters import SiloAdapters
-from trunk_worker.trunk_sync import TrunkSync
+from trunk_worker.hierarchical_steps import HierarchicalSteps
+from trunk_worker.serial_steps import RunnerContext, SerialSteps, StepError, TrunkModel
 
 log = logging.getLogger("trunk")
 
 POLL_MS = 100
 
 
-class StepError(Exception):
-    """A well-formed message that cannot be served (no open step, wrong hidden size...)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
 class TrunkWorker:
     def __init__(self, settings: TrunkSettings, registry: Registry, model_dir) -> None:
         self.settings = settings
         self.registry = registry
-        self.wire_dtype = WIRE_DTYPE_BY_NAME[settings.wire_dtype]
-        self.trunk, self.device = load_trunk_base(model_dir, settings)  # device: where its inputs go
-        self.trainable = apply_adapter(self.trunk, settings.adapter_config(), settings.seed)
-        self.hidden_size = self.trunk.config.hidden_size
-        self.compute_dtype = WIRE_DTYPE_BY_NAME[settings.dtype]  # the base's (adapters are fp32 masters)
-        self.adapters: SiloAdapters | None = None
-        self.batches: BatchSteps | None = None
-        if settings.mode == "hierarchical":
-            if settings.adapter == "full":
-                raise ValueError("hierarchical mode keeps one trunk ADAPTER per silo: use --adapter lora or prefix")
-            self.adapters = SiloAdapters(self.trunk, settings.lr, settings.weight_decay)
-            self.optimizer = None  # one per silo, in self.adapters
-        else:
-            self.optimizer = make_optimizer(self.trainable, settings.lr, settings.weight_decay)
-        if settings.mode == "client-batch":
-            self.batches = BatchSteps(self.trunk, self.device, self.compute_dtype, settings.straggler_timeout_s)
-        self.generations = TrunkGenerations(self.trunk, self.device, self.wire_dtype, compute_dtype=self.compute_dtype)
-        self.pending = PendingGraphs(settings.max_pending)
-        self.updates = 0
-        self.recomputed_steps = 0  # forwards kept as inputs only (--recompute-forward)
-        # Each silo's last applied step with its BACKWARD_RESULT and FORWARD_RESULT, for a retried
-        # step: a silo sends step n+1 only after step n's result, so the last one is the only one
-        # that can come again. Its FORWARD gets the kept output (running it again through the updated
-        # trunk would hand the silo another h2 than the one the kept dL/dh1 belongs to).
-        self.applied: dict[str, tuple[int, Message, Message | None]] = {}
-        self.forwarded: dict[str, tuple[int, int, Message]] = {}  # silo -> (step, FORWARDs of it, last output)
+        trunk, device = load_trunk_base(model_dir, settings)  # device: where its inputs go
+        trainable = apply_adapter(trunk, settings.adapter_config(), settings.seed)
+        self.model = TrunkModel(trunk, trainable, device, compute_dtype=WIRE_DTYPE_BY_NAME[settings.dtype],
+                                wire_dtype=WIRE_DTYPE_BY_NAME[settings.wire_dtype])
+        self.device = device
+        self.generations = TrunkGenerations(trunk, device, self.model.wire_dtype, compute_dtype=self.model.compute_dtype)
         self.accepted_hellos: dict[str, bytes] = {}
         self.heard_at = time.monotonic()  # the broker heartbeats us every heartbeat_s
         self.broker_down = False
@@ -102,7 +69,10 @@ class TrunkWorker:
         self.keys = None
         self.codec = self._make_codec(settings, registry)
         self.timeline = StepTimeline(self.codec, self.metrics)  # per-step parts, for `bench step`
-        self.sync = TrunkSync(settings.run_id, settings.worker_id, self.keys)
+        # What a step is in this run's mode: the worker hands every step message to it.
+        self.steps = _runner_for(self.model, RunnerContext(settings, self._send, self._close_round, self.timeline,
+                                                           self.metrics), self.keys)
+        self._handlers = self._message_handlers()
         self.ctx = zmq.Context.instance()
         self.sock = client_socket(self.ctx, settings.worker_id, settings.broker_backend, settings.curve, settings.curve_cert,
                                   settings.curve_broker_key)
@@ -139,7 +109,7 @@ class TrunkWorker:
             self._stopping = True
         next_beat = time.monotonic() + s.heartbeat_s
         log.info("trunk worker %s up on %s (%d trainable tensors)", s.worker_id, self.device,
-                 0 if self.optimizer is None else len(self.optimizer.param_groups[0]["params"]))
+                 self.steps.trainable_tensors)
         try:
             while not self._stopping:
                 if time.monotonic() >= next_beat:  # the broker learns we are alive, and we learn
@@ -155,9 +125,7 @@ class TrunkWorker:
                         self.metrics.received(frames)
                         self.handle([f.buffer for f in frames])
                     self.metrics.queue_depth(len(self.pending))
-                if self.batches is not None:
-                    for bundle in self.batches.expired():
-                        self._finish_bundle(bundle)
+                self.steps.poll()
         finally:
             heartbeat.stop()
             beacon.stop()
@@ -165,7 +133,7 @@ class TrunkWorker:
                 self._save_adapters(s.save_dir)
             crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-            self.registry.update("trunk", s.worker_id, updates=self.updates, recomputed_steps=self.recomputed_steps,
+            self.registry.update("trunk", s.worker_id, updates=self.updates, recomputed_steps=self.steps.recomputed_steps,
                                  crypto_s=f"{crypto_s:.6f}",
                                  peak_rss_mb=f"{peak_mb:.1f}", timeline=self.timeline.to_json())
             self.registry.leave("trunk", s.worker_id, status="stopped")
@@ -191,22 +159,16 @@ class TrunkWorker:
         self.heard_at, self.broker_down = time.monotonic(), False
 
     def _save_adapters(self, directory: Path) -> None:
-        """The trunk's adapter for `splitfed eval` / `splitfed export`: trunk.safetensors. In
-        hierarchical mode that is the last round's average (the adapter new silos start from), and
-        each silo's own goes to trunk-<silo>.safetensors too: they differ under --personalize or
-        --aggregation none, where no average exists and only the per-silo files are written."""
-        meta = adapter_metadata(self.settings.adapter_config(), "trunk")
-        if self.adapters is None:
-            save_adapter_file(directory / "trunk.safetensors", adapter_state_dict(self.trunk), meta)
-            return
-        names = self.adapters.names
-        if self.adapters.averaged:
-            save_adapter_file(directory / "trunk.safetensors", dict(zip(names, self.adapters.template)), meta)
-        for silo, params in sorted(self.adapters.params.items()):
-            save_adapter_file(directory / f"trunk-{silo}.safetensors", dict(zip(names, params)), meta)
-        log.info("wrote the trunk adapters of %d silos%s to %s", len(self.adapters.params),
-                 " and their average" if self.adapters.averaged else " (no round averaged them: no trunk.safetensors)",
-                 directory)
+        """The trunk's adapter(s) for `splitfed eval` / `splitfed export` (the runner knows which)."""
+        self.steps.save_adapters(directory, adapter_metadata(self.settings.adapter_config(), "trunk"))
+
+    @property
+    def updates(self) -> int:
+        return self.steps.updates
+
+    @property
+    def pending(self):
+        return self.steps.pending
 
     def handle(self, frames: list) -> None:
         try:
@@ -217,49 +179,68 @@ class TrunkWorker:
             msg = self.codec.decode(frames, split_frames(frames, self.settings.max_tensor_bytes, header))
             if msg.run_id != self.settings.run_id:
                 raise StepError("wrong_run", f"frame for run {msg.run_id}")
-            if msg.kind == Kind.FORWARD:
-                self._send(self.forward(msg))
-            elif msg.kind == Kind.BACKWARD and self.batches is not None:
-                self.batch_backward(msg)
-            elif msg.kind == Kind.BACKWARD:
-                self._send(self.backward(msg))
-            elif msg.kind == Kind.HELLO:
-                if (ack := self.hello(msg)) is not None:
-                    self._send(ack)
-            elif msg.kind == Kind.ROUND_END:
-                self.round_end(msg)
-            elif msg.kind == Kind.TRUNK_SYNC:
-                self.trunk_sync(msg)
-            elif msg.kind == Kind.READY:  # the broker's ack: where the run stands
-                self.restore(_resume_round(msg.text))
-            elif msg.kind == Kind.ROLLBACK:
-                self.restore(_resume_round(msg.text))
-                self._register()  # the broker counts our frames again once this READY arrives
-            elif msg.kind == Kind.ERROR and ErrorReason.from_text(msg.text).code == Reason.CONFIG_MISMATCH:
-                raise ConfigMismatch(f"the broker refused this trunk worker: {msg.text}")
-            elif msg.kind == Kind.ERROR and ErrorReason.from_text(msg.text).code == Reason.REGISTER:
-                log.warning("the broker does not know us (%s): registering again", msg.text)
-                self._register()
-            elif msg.kind == Kind.HEARTBEAT:
-                pass
-            elif msg.kind == Kind.DISCONNECT:  # the broker: every silo has finished
-                if self.settings.burst:
-                    log.info("the run is finished: exiting (--burst)")
-                    self._stopping = True
-                else:
-                    log.info("the run is finished; serving on until SIGTERM (--burst exits here)")
-            elif msg.kind in GENERATION_KINDS:  # split generation (trunk_worker/generation.py)
-                if self.adapters is not None and msg.kind == Kind.GENERATE:
-                    self.adapters.activate_for_generation(msg.silo_id)  # its own trunk adapter, not the last one used
-                if (reply := self.generations.handle(msg)) is not None:
-                    self._send(reply)
-            else:
+            handler = self._handlers.get(msg.kind)
+            if handler is None:
                 raise StepError("unexpected_kind", msg.kind.name)
+            handler(msg)
         except (FrameError, StepError, GenerationError) as exc:
-            self.registry.count_rejected(exc.reason)
-            self.metrics.rejected(exc.reason)
-            log.warning("rejected: %s", exc, extra={"reason": exc.reason})
-            self._refuse(frames, ErrorReason(exc.reason, getattr(exc, "detail", "")))
+            self._reject(frames, exc)
+
+    def _message_handlers(self) -> dict:
+        """What each kind of message does: step messages go to the mode's runner."""
+        return {
+            Kind.FORWARD: self.steps.forward,
+            Kind.BACKWARD: self.steps.backward,
+            Kind.ROUND_END: self.steps.round_end,
+            Kind.TRUNK_SYNC: self.steps.trunk_sync,
+            Kind.HELLO: self._on_hello,
+            Kind.READY: self._on_ready,
+            Kind.ROLLBACK: self._on_rollback,
+            Kind.ERROR: self._on_broker_error,
+            Kind.HEARTBEAT: lambda msg: None,
+            Kind.DISCONNECT: self._on_run_finished,
+            Kind.GENERATE: self._on_generation,
+            Kind.GENERATE_END: self._on_generation,
+        }
+
+    def _reject(self, frames: list, exc: FrameError | StepError | GenerationError) -> None:
+        self.registry.count_rejected(exc.reason)
+        self.metrics.rejected(exc.reason)
+        log.warning("rejected: %s", exc, extra={"reason": exc.reason})
+        self._refuse(frames, ErrorReason(exc.reason, getattr(exc, "detail", "")))
+
+    def _on_hello(self, msg: Message) -> None:
+        if (ack := self.hello(msg)) is not None:
+            self._send(ack)
+
+    def _on_ready(self, msg: Message) -> None:
+        self.restore(_resume_round(msg.text))  # the broker's ack: where the run stands
+
+    def _on_rollback(self, msg: Message) -> None:
+        self.restore(_resume_round(msg.text))
+        self._register()  # the broker counts our frames again once this READY arrives
+
+    def _on_broker_error(self, msg: Message) -> None:
+        code = ErrorReason.from_text(msg.text).code
+        if code == Reason.CONFIG_MISMATCH:
+            raise ConfigMismatch(f"the broker refused this trunk worker: {msg.text}")
+        if code == Reason.REGISTER:
+            log.warning("the broker does not know us (%s): registering again", msg.text)
+            self._register()
+        else:
+            raise StepError("unexpected_kind", f"ERROR from the broker: {msg.text}")
+
+    def _on_run_finished(self, msg: Message) -> None:  # the broker: every silo has finished
+        if self.settings.burst:
+            log.info("the run is finished: exiting (--burst)")
+            self._stopping = True
+        else:
+            log.info("the run is finished; serving on until SIGTERM (--burst exits here)")
+
+    def _on_generation(self, msg: Message) -> None:  # split generation (trunk_worker/generation.py)
+        self.steps.before_generation(msg)
+        if (reply := self.generations.handle(msg)) is not None:
+            self._send(reply)
 
     def _refuse(self, frames: list, reason: ErrorReason) -> None:
         """Tell the silo named in the header why (in the clear: an ERROR carries no data)."""
@@ -307,77 +288,9 @@ class TrunkWorker:
             raise StepError("config_mismatch", f"{', '.join(unknown)}: not a setting of this trunk")
         return config_digest({k: self.run_config[k] for k in theirs})
 
-    # ------------------------------------------------------------------ the two halves of a step
-    def forward(self, msg: Message) -> Message:
-        last_applied = self.applied.get(msg.silo_id)
-        if last_applied is not None and last_applied[0] == msg.step and last_applied[2] is not None:
-            log.warning("%s step %d already applied: answering its FORWARD again with the kept output", msg.silo_id,
-                        msg.step)
-            return last_applied[2]
-        hidden, mask, positions = msg.tensors
-        if hidden.shape[-1] != self.hidden_size:
-            raise StepError("schema", f"hidden size {hidden.shape[-1]}, trunk expects {self.hidden_size}")
-        started = time.perf_counter()
-        if self.adapters is not None:
-            self.adapters.activate(msg.silo_id)  # this silo's own trunk adapter over the shared base
-        h1 = hidden.to(self.device, self.compute_dtype).requires_grad_(True)
-        inputs = (h1, mask.to(self.device, torch.long), positions.to(self.device, torch.long))
-        with torch.enable_grad():
-            if self.settings.recompute_forward:
-                # Keep only the inputs; the forward runs again inside this step's backward (torch's
-                # activation checkpointing; the same kernels give the same h2, bit for bit). Backwards
-                # run one at a time, so one step's activations exist at a time, however many are open.
-                h2 = torch_checkpoint(self.trunk, *inputs, use_reentrant=False)
-                self.recomputed_steps += 1
-            else:
-                h2 = self.trunk(*inputs)
-        self._remember((msg.silo_id, msg.step), h1, h2, time.perf_counter() - started)
-        result = Message(Kind.FORWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
-                         tensors=[h2.detach().to(self.wire_dtype)])
-        previous = self.forwarded.get(msg.silo_id)
-        count = previous[1] + 1 if previous is not None and previous[0] == msg.step else 1
-        self.forwarded[msg.silo_id] = (msg.step, count, result)
-        return result
-
-    def backward(self, msg: Message) -> Message:
-        key = (msg.silo_id, msg.step)
-        last_applied = self.applied.get(msg.silo_id)
-        if last_applied is not None and last_applied[0] == msg.step:  # a retry: same answer, no second update
-            log.warning("%s step %d already applied: answering again without applying", *key)
-            return last_applied[1]
-        if key not in self.pending:
-            raise StepError("no_open_step", f"no forward pending for {msg.silo_id} step {msg.step}")
-        h1, h2, forward_s = self.pending.first(key)
-        started = time.perf_counter()
-        grad = msg.tensors[0]
-        if grad.shape != h2.shape:
-            raise StepError("schema", f"gradient shape {tuple(grad.shape)} != output {tuple(h2.shape)}")
-        _, last = self.pending.pop(key)
-        if self.adapters is not None and self.settings.recompute_forward:
-            self.adapters.activate(msg.silo_id)  # the recomputed forward runs through the adapter in the slots now
-        h2.backward(grad.to(self.device, h2.dtype))
-        if not last:  # a micro-batch: its gradients accumulate until the step's last one
-            return Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
-                           tensors=[h1.grad.to(self.wire_dtype), torch.tensor([self.updates], dtype=torch.int64)])
-        optimizer = self.optimizer if self.adapters is None else self.adapters.optimizers[msg.silo_id]
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        self.updates += 1
-        self.timeline.step_done_after_busy(msg.step)
-        self.metrics.step(forward_s + time.perf_counter() - started)
-        applied = torch.tensor([self.updates], dtype=torch.int64)
-        result = Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
-                         tensors=[h1.grad.to(self.wire_dtype), applied])
-        forwarded = self.forwarded.pop(msg.silo_id, None)
-        # A step of micro-batches had several outputs: a retry of it gets no kept output (it runs again).
-        kept = forwarded[2] if forwarded is not None and forwarded[:2] == (msg.step, 1) else None
-        self.applied[msg.silo_id] = (msg.step, result, kept)
-        return result
-
     # ------------------------------------------------------------------ client-batch
     def bundle(self, frames: list) -> None:
-        """Open each member (a bad one is refused alone), run them as one trunk batch."""
+        """Open each member (a bad one is refused alone), then the runner runs them as one trunk batch."""
         _, member_frames = bundle_from_wire(frames, self.settings.max_tensor_bytes)
         members = []
         for mf in member_frames:
@@ -385,92 +298,13 @@ class TrunkWorker:
                 msg = self.codec.decode(mf)
                 if msg.kind != Kind.FORWARD or msg.run_id != self.settings.run_id:
                     raise StepError("schema", f"bundle member {msg.kind.name} of run {msg.run_id}")
-                if msg.tensors[0].shape[-1] != self.hidden_size:
-                    raise StepError("schema", f"hidden size {msg.tensors[0].shape[-1]}, trunk expects {self.hidden_size}")
+                if msg.tensors[0].shape[-1] != self.model.hidden_size:
+                    raise StepError("schema", f"hidden size {msg.tensors[0].shape[-1]}, trunk expects {self.model.hidden_size}")
                 members.append(msg)
             except (FrameError, StepError) as exc:
-                self.registry.count_rejected(exc.reason)
-                log.warning("bundle member rejected: %s", exc)
-                self._refuse(mf, str(exc))
-        if not members:
-            return
-        _, outputs = self.batches.forward(members)
-        for m, out in zip(members, outputs):
-            self._send(Message(Kind.FORWARD_RESULT, m.run_id, m.silo_id, m.round, m.step, tensors=[out.to(self.wire_dtype)]))
-
-    def batch_backward(self, msg: Message) -> None:
-        if not self.batches.shape_ok(msg):
-            raise StepError("no_open_step", f"no trunk batch open for {msg.silo_id} step {msg.step} "
-                            "(or a gradient of the wrong shape)")
-        bundle = self.batches.add_grad(msg)
-        if bundle.complete():
-            self._finish_bundle(bundle)
-
-    def _finish_bundle(self, bundle) -> None:
-        started = time.perf_counter()
-        missing = [m for m in bundle.members if m.silo_id not in bundle.grads]
-        if len(missing) == len(bundle.members):
-            for m in bundle.members:  # nothing came back: no update at all
-                self.batches.by_member.pop((m.silo_id, m.step), None)
-        else:
-            grads = self.batches.backward(bundle, self.trainable)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.updates += 1
-            self.metrics.step(bundle.forward_s + time.perf_counter() - started)
-            applied = torch.tensor([self.updates], dtype=torch.int64)
-            for m in bundle.members:
-                if m.silo_id in grads:
-                    self._send(Message(Kind.BACKWARD_RESULT, m.run_id, m.silo_id, m.round, m.step,
-                                       tensors=[grads[m.silo_id].to(self.wire_dtype), applied]))
-        for m in missing:
-            log.warning("straggler: %s step %d sent no gradient within %.0fs; its slice counted as zero",
-                        m.silo_id, m.step, self.settings.straggler_timeout_s, extra={"reason": "straggler"})
-            self._send(Message(Kind.ERROR, m.run_id, m.silo_id, m.round, m.step,
-                               text=ErrorReason.of(Reason.STRAGGLER, f"no gradient within "
-                                                   f"{self.settings.straggler_timeout_s:.0f}s").to_text()))
-
-    # ------------------------------------------------------------------ hierarchical round end
-    def round_end(self, msg: Message) -> None:
-        """Every round step is applied: average the trunk adapters across workers when asked
-        (hierarchical: send this worker's weighted partial sum to every averaging worker), then
-        checkpoint the round. A second ROUND_END for the round (a worker died before its partial
-        came) starts the averaging again: partials of the first attempt are dropped."""
-        self.sync.forget(msg.round)
-        # Every silo of the round has its last result (it joined the round's end after it): no retry
-        # can come, and the worker is at its fullest now, so drop the kept results before averaging.
-        self.applied.clear()
-        self.forwarded.clear()
-        if not msg.text:
-            return self._close_round(msg.round)
-        if self.adapters is None:
-            raise StepError("unexpected_kind", "trunk averaging outside hierarchical mode")
-        end = RoundEnd.from_text(msg.text)
-        workers, weights = list(end.workers), end.weights
-        partial, weight = self.adapters.weighted_sum(weights)
-        if workers == [self.settings.worker_id]:
-            # The only averaging worker: its partial is the whole sum. No TRUNK_SYNC round trip, and
-            # no sealed and opened copies of an adapter-sized buffer at the worker's fullest moment.
-            if weight <= 0:  # none of the round's silos trained here: nothing to average
-                log.warning("round %d: no trunk adapter of %s on this worker; nothing averaged",
-                            msg.round, ",".join(sorted(weights)))
-                return self._close_round(msg.round)
-            return self._apply_average(msg.round, partial.div_(weight))
-        self.sync.expected[msg.round] = workers
-        self._send(Message(Kind.TRUNK_SYNC, msg.run_id, self.settings.worker_id, msg.round,
-                           tensors=[self.sync.seal(msg.round, partial, weight)]))
-
-    def trunk_sync(self, msg: Message) -> None:
-        if self.adapters is None:
-            raise StepError("unexpected_kind", "TRUNK_SYNC outside hierarchical mode")
-        average = self.sync.add(msg.round, msg.silo_id, self.sync.open(msg.round, msg.silo_id, msg.tensors[0]))
-        if average is not None:
-            self._apply_average(msg.round, average)
-
-    def _apply_average(self, rnd: int, average: torch.Tensor) -> None:
-        self.adapters.set_all(average)
-        log.info("round %d: trunk adapters averaged", rnd)
-        self._close_round(rnd)
+                self._reject(mf, exc)  # the others of the batch still run
+        if members:
+            self.steps.bundle(members)
 
     def _close_round(self, rnd: int) -> None:
         if self.settings.checkpoint_dir is not None:
@@ -496,36 +330,26 @@ class TrunkWorker:
         return self.settings.checkpoint_dir / self.settings.worker_id
 
     def _save_checkpoint(self, rnd: int) -> None:
-        save_trunk(self._checkpoints, rnd, self.trainable, self.optimizer, self.adapters, self.updates)
+        self.steps.save_checkpoint(self._checkpoints, rnd)
 
     def restore(self, rnd: int) -> None:
         """Go back to the end of round ``rnd`` (-1: the initial state): a role restarted."""
-        self.pending.clear()
-        self.applied.clear()
-        self.forwarded.clear()
-        if self.batches is not None:
-            self.batches.by_member.clear()
-        self.sync.expected.clear()
-        self.sync.partials.clear()
+        self.steps.clear()
         if rnd == -1 and self.updates == 0:
             return  # nothing applied yet: this is the initial state
         if self.settings.checkpoint_dir is None:
             log.error("asked to resume from round %d but this worker keeps no checkpoints (--checkpoint-dir)", rnd)
             return
         try:
-            updates = load_trunk(self._checkpoints, rnd, self.trainable, self.optimizer, self.adapters)
+            updates = self.steps.load_checkpoint(self._checkpoints, rnd)
         except ValueError as exc:  # a checkpoint of another layout: say so, keep serving
             log.error("cannot resume from round %d: %s", rnd, exc)
             return
         if updates is None:
             log.error("no checkpoint of round %d in %s: cannot resume exactly", rnd, self._checkpoints)
             return
-        self.updates = updates
+        self.steps.updates = updates
         log.info("resumed from the checkpoint of round %d (%d updates)", rnd, updates)
-
-    def _remember(self, key, h1, h2, forward_s: float) -> None:
-        for old in self.pending.add(key, (h1, h2, forward_s)):
-            log.warning("dropped the graph of %s step %d: more than %d pending", old[0], old[1], self.settings.max_pending)
 
     def _send(self, msg: Message) -> None:
         frames = self.codec.encode(msg)
@@ -539,3 +363,15 @@ def _resume_round(text: str | None) -> int:
         return ResumePoint.from_text(text).round
     except ValueError as exc:
         raise StepError("schema", str(exc)) from None
+
+
+def _runner_for(model: TrunkModel, ctx: RunnerContext, trunk_keys) -> SerialSteps:
+    """The step runner of the run's mode (trunk_keys: hierarchical workers seal their averaging with them)."""
+    mode = ctx.settings.mode
+    if mode == "hierarchical":
+        return HierarchicalSteps(model, ctx, trunk_keys)
+    if mode == "client-batch":
+        return ClientBatchSteps(model, ctx)
+    if mode == "serial":
+        return SerialSteps(model, ctx)
+    raise ValueError(f"unknown mode {mode!r}")
