@@ -64,7 +64,6 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from shared.keys import (
     KEY_BYTES,
-    EnrolledSilo,
     KeyStoreError,
     SiloKeys,
     TrunkKeys,
@@ -72,7 +71,7 @@ from shared.keys import (
     fingerprint,
     fingerprints_equal,
 )
-from shared.protocol import ID_FIELD_BYTES
+from shared.ids import ID_FIELD_BYTES
 from shared.sealing import ACK, ACK_MAGIC, ACK_SIZE, CIPHER_NAMES, CIPHERS, HANDSHAKE_VERSION, SealError, Session
 from shared.wire import DEFAULT_MAX_TENSOR_BYTES, FrameError, _id_from_wire, _id_to_wire, check_id
 

@@ -241,7 +241,7 @@ def _load_owned(part: _Part, model_dir: Path, dtype: torch.dtype, device, on_lay
     ``given``: tensors the caller already holds (the silo's tied embedding for the tail's LM head),
     assigned as they are instead of read again.
     """
-    facts, config = part.facts, part.config
+    facts = part.facts
     where = _checkpoint_index(model_dir)
     files: dict[Path, object] = {}
     read_keys: set[str] = set()

@@ -14,9 +14,6 @@ import torch
 SIGNATURE = b"SPFD"
 PROTOCOL_VERSION = 1
 
-# Identifiers are fixed-width fields in the header: short ASCII names keep it small and fixed-size.
-from shared.ids import ID_ALPHABET, ID_FIELD_BYTES  # noqa: E402,F401  (re-exported)
-
 MAX_TENSORS = 4
 MAX_NDIM = 4
 MAX_TEXT_BYTES = 4096  # ERROR reasons and READY details
@@ -126,6 +123,7 @@ class Reason(str, enum.Enum):
     STRAGGLER = "straggler"  # client-batch: the step's trunk batch left without this silo
     RETRY = "retry"  # the step was lost with its trunk worker: send it again
     DUPLICATE = "duplicate"  # a second FORWARD for a step already queued
+    IDENTITY_TAKEN = "identity_taken"  # a live connection holds this silo id: retry READY after liveness_ttl_s
 
 
 @dataclasses.dataclass(frozen=True)

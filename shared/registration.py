@@ -30,7 +30,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from shared.keys import EnrolledSilo, SiloKeys
-from shared.protocol import ID_FIELD_BYTES
+from shared.ids import ID_FIELD_BYTES
 from shared.wire import FrameError, _id_from_wire, _id_to_wire
 
 _BODY = struct.Struct(f"<4sB3x{ID_FIELD_BYTES}s{ID_FIELD_BYTES}sQ8s")

@@ -28,10 +28,9 @@ from collections.abc import Sequence
 
 import torch
 
-from shared.ids import check_id
+from shared.ids import ID_FIELD_BYTES, check_id
 from shared.protocol import (
     FLOAT_WIRE_DTYPES,
-    ID_FIELD_BYTES,
     ITEMSIZE,
     MAX_BUNDLE,
     MAX_HANDSHAKE_BYTES,

@@ -20,6 +20,10 @@ class Rollback(RuntimeError):
         self.round = resume_round(text)
 
 
+class IdentityTaken(PeerError):
+    """The broker holds this silo id on another connection that is still alive (our previous process's)."""
+
+
 class Reregister(RuntimeError):
     """The broker does not know this connection (it restarted): register again."""
 
