@@ -28,7 +28,6 @@ from broker.rounds import RoundAggregator
 from broker.schedules import StepRoutes, replay_membership, schedule_for
 from broker.trunk_rounds import TrunkRounds
 from shared import failpoints
-from shared import enrollment
 from shared.control_text import PeerIntro, ResumePoint
 from shared.metrics import RoleMetrics
 from shared.protocol import BEACON_SUFFIX, GENERATION_KINDS, ErrorReason, Kind, Reason
@@ -36,6 +35,7 @@ from shared.registration import verify_registration
 from shared.registry import Heartbeat, Registry, retry_redis
 from shared.run_config import describe, differences, parse_claim, run_config
 from shared.settings import BrokerSettings
+from shared.silo_directory import SiloDirectory
 from shared.transport import ServerSecurity
 from shared.wire import (
     FrameError,
@@ -66,6 +66,7 @@ class Broker:
         self.local_steps = local_steps
         # Every Redis write of the poll loop goes through this background writer (counters coalesce).
         self.writes = RedisWrites(registry, flush_s=min(settings.heartbeat_s, 0.5))
+        self.directory = SiloDirectory(registry, settings.operator_fingerprint)  # whose READY is genuine
         # What the mode decides (when a FORWARD goes, to which worker): broker/schedules.py.
         self.schedule = schedule_for(settings, self.silos,
                                      lambda silo, w: self.writes.call("assign", registry.assign, silo, w))
@@ -280,7 +281,7 @@ class Broker:
         if not msg.tensors:
             raise FrameError("bad_registration", f"READY for {silo} carries no signed registration token")
         return verify_registration(bytes(msg.tensors[0].numpy()), self.run_id, silo,
-                                   lambda s: retry_redis(enrollment.lookup, self.registry, s, attempts=8), self.ready_ts.get(silo))
+                                   lambda s: retry_redis(self.directory.lookup, s, attempts=8), self.ready_ts.get(silo))
 
     # ------------------------------------------------------------------ trunk side
     def process_trunk(self, identity: bytes, frames: list) -> None:

@@ -2,7 +2,10 @@
 
 In Redis (a *directory*, not a trust root: silos pin the trunk fingerprint from their own config)::
 
-    {prefix}:run:{run_id}:keys:silo:{silo_id}   hash  ed25519, x25519 (hex), status, enrolled_at, revoked_at
+    {prefix}:run:{run_id}:keys:silo:{silo_id}   hash  ed25519, x25519 (hex), status, enrolled_at, revoked_at,
+                                                      certificate (hex, operator-signed; shared/certificates.py)
+    {prefix}:run:{run_id}:keys:operator         hash  ed25519 (hex): the operator's public key (pinned by fingerprint)
+    {prefix}:run:{run_id}:keys:revocations      str   the operator-signed revocation list (hex)
     {prefix}:run:{run_id}:keys:silos            set   enrolled silo ids (listing without SCAN)
     {prefix}:run:{run_id}:keys:trunk            hash  x25519 (hex), fingerprint, published_at
     {prefix}:run:{run_id}:keys:trunk_slots      int   INCR counter handing each trunk worker process
@@ -32,7 +35,7 @@ def _silo_key(registry: Registry, silo_id: str) -> str:
 
 
 def enroll(registry: Registry, silo_id: str, ed25519_pub: bytes, x25519_pub: bytes,
-           replace: bool = False) -> EnrolledSilo:
+           replace: bool = False, certificate: bytes | None = None) -> EnrolledSilo:
     """Add a silo's public keys to the run's allow-list.
 
     Enrolling the same keys again is a no-op. Different keys for an enrolled silo, or re-admitting a
@@ -50,14 +53,17 @@ def enroll(registry: Registry, silo_id: str, ed25519_pub: bytes, x25519_pub: byt
             raise KeyStoreError(f"silo {silo_id} was revoked; re-admitting it needs replace=True")
         if (current.ed25519_public, current.x25519_public) != (bytes(ed25519_pub), bytes(x25519_pub)):
             raise KeyStoreError(f"silo {silo_id} is enrolled with other keys; replacing them needs replace=True")
-        return current
-    entry = EnrolledSilo(silo_id, bytes(ed25519_pub), bytes(x25519_pub), "enrolled", round(time.time(), 3))
+        if certificate is None or certificate == current.certificate:
+            return current
+    entry = EnrolledSilo(silo_id, bytes(ed25519_pub), bytes(x25519_pub), "enrolled", round(time.time(), 3),
+                         certificate=certificate)
+    fields = {"ed25519": entry.ed25519_public.hex(), "x25519": entry.x25519_public.hex(),
+              "status": entry.status, "enrolled_at": f"{entry.enrolled_at:.3f}"}
+    if certificate is not None:
+        fields["certificate"] = bytes(certificate).hex()
     pipe = registry.redis.pipeline()
     pipe.delete(_silo_key(registry, silo_id))  # drop a stale revoked_at
-    pipe.hset(_silo_key(registry, silo_id), mapping={
-        "ed25519": entry.ed25519_public.hex(), "x25519": entry.x25519_public.hex(),
-        "status": entry.status, "enrolled_at": f"{entry.enrolled_at:.3f}",
-    })
+    pipe.hset(_silo_key(registry, silo_id), mapping=fields)
     pipe.sadd(registry.key("keys", "silos"), silo_id)
     pipe.execute()
     return entry
@@ -83,11 +89,38 @@ def lookup(registry: Registry, silo_id: str) -> EnrolledSilo | None:
         ed, x = bytes.fromhex(fields["ed25519"]), bytes.fromhex(fields["x25519"])
         if len(ed) != KEY_BYTES or len(x) != KEY_BYTES:
             raise ValueError("key length")
-        revoked_at = fields.get("revoked_at")
+        revoked_at, certificate = fields.get("revoked_at"), fields.get("certificate")
         return EnrolledSilo(silo_id, ed, x, fields["status"], float(fields["enrolled_at"]),
-                            float(revoked_at) if revoked_at else None)
+                            float(revoked_at) if revoked_at else None,
+                            bytes.fromhex(certificate) if certificate else None)
     except (KeyError, ValueError) as exc:
         raise KeyStoreError(f"malformed enrollment entry for {silo_id} in Redis ({exc})") from None
+
+
+def publish_operator_key(registry: Registry, ed25519_pub: bytes) -> None:
+    """Advertise the operator's public key (every role checks it against its pinned fingerprint)."""
+    Ed25519PublicKey.from_public_bytes(bytes(ed25519_pub))
+    registry.redis.hset(registry.key("keys", "operator"), mapping={"ed25519": bytes(ed25519_pub).hex()})
+
+
+def operator_public_key(registry: Registry) -> bytes | None:
+    raw = registry.redis.hget(registry.key("keys", "operator"), "ed25519")
+    try:
+        return bytes.fromhex(raw) if raw is not None else None
+    except ValueError:
+        raise KeyStoreError("malformed operator key entry in Redis") from None
+
+
+def store_revocations(registry: Registry, signed_list: bytes) -> None:
+    registry.redis.set(registry.key("keys", "revocations"), bytes(signed_list).hex())
+
+
+def revocations(registry: Registry) -> bytes | None:
+    raw = registry.redis.get(registry.key("keys", "revocations"))
+    try:
+        return bytes.fromhex(raw) if raw is not None else None
+    except ValueError:
+        return b""  # malformed: the verifier refuses it (a list of the wrong size)
 
 
 def list_enrolled(registry: Registry) -> list[dict]:

@@ -64,11 +64,11 @@ class SiloKeys:
 
     @property
     def identity_public(self) -> bytes:
-        return _raw_public(self.identity.public_key())
+        return raw_public(self.identity.public_key())
 
     @property
     def x25519_public(self) -> bytes:
-        return _raw_public(self.x25519.public_key())
+        return raw_public(self.x25519.public_key())
 
     def __repr__(self) -> str:
         return f"SiloKeys(identity={fingerprint(self.identity_public)}, x25519={fingerprint(self.x25519_public)})"
@@ -80,7 +80,7 @@ class TrunkKeys:
 
     @property
     def x25519_public(self) -> bytes:
-        return _raw_public(self.x25519.public_key())
+        return raw_public(self.x25519.public_key())
 
     @property
     def fingerprint(self) -> str:
@@ -99,7 +99,7 @@ def new_trunk_keys() -> TrunkKeys:
     return TrunkKeys(X25519PrivateKey.generate())
 
 
-def _raw_public(pub: Ed25519PublicKey | X25519PublicKey) -> bytes:
+def raw_public(pub: Ed25519PublicKey | X25519PublicKey) -> bytes:
     return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -146,28 +146,28 @@ def fingerprints_equal(a: str, b: str) -> bool:
 def generate_silo_keys(out_dir: str | os.PathLike, overwrite: bool = False) -> SiloKeys:
     """Create a silo's identity (Ed25519) and X25519 keys under ``out_dir``. Prints nothing."""
     keys = new_silo_keys()
-    out = _prepare_dir(Path(out_dir), [ED25519_KEY, ED25519_PUB, X25519_KEY, X25519_PUB], overwrite)
-    _write_private(out / ED25519_KEY, keys.identity)
-    _write_private(out / X25519_KEY, keys.x25519)
-    _write_public(out / ED25519_PUB, keys.identity_public)
-    _write_public(out / X25519_PUB, keys.x25519_public)
+    out = prepare_key_dir(Path(out_dir), [ED25519_KEY, ED25519_PUB, X25519_KEY, X25519_PUB], overwrite)
+    write_private_key(out / ED25519_KEY, keys.identity)
+    write_private_key(out / X25519_KEY, keys.x25519)
+    write_public_key(out / ED25519_PUB, keys.identity_public)
+    write_public_key(out / X25519_PUB, keys.x25519_public)
     return keys
 
 
 def generate_trunk_keys(out_dir: str | os.PathLike, overwrite: bool = False) -> TrunkKeys:
     """Create the trunk service's X25519 key under ``out_dir`` (copy it to every trunk worker)."""
     keys = new_trunk_keys()
-    out = _prepare_dir(Path(out_dir), [X25519_KEY, X25519_PUB], overwrite)
-    _write_private(out / X25519_KEY, keys.x25519)
-    _write_public(out / X25519_PUB, keys.x25519_public)
+    out = prepare_key_dir(Path(out_dir), [X25519_KEY, X25519_PUB], overwrite)
+    write_private_key(out / X25519_KEY, keys.x25519)
+    write_public_key(out / X25519_PUB, keys.x25519_public)
     return keys
 
 
 def load_silo_keys(key_dir: str | os.PathLike, allow_insecure: bool = False) -> SiloKeys:
     d = Path(key_dir)
     keys = SiloKeys(
-        _read_private(d / ED25519_KEY, Ed25519PrivateKey, allow_insecure),
-        _read_private(d / X25519_KEY, X25519PrivateKey, allow_insecure),
+        read_private_key(d / ED25519_KEY, Ed25519PrivateKey, allow_insecure),
+        read_private_key(d / X25519_KEY, X25519PrivateKey, allow_insecure),
     )
     # A .pub that disagrees with its .key means someone mixed up directories: say so now, not at
     # enrollment time as an inexplicable "bad_hello_signature".
@@ -178,7 +178,7 @@ def load_silo_keys(key_dir: str | os.PathLike, allow_insecure: bool = False) -> 
 
 def load_trunk_keys(key_dir: str | os.PathLike, allow_insecure: bool = False) -> TrunkKeys:
     d = Path(key_dir)
-    keys = TrunkKeys(_read_private(d / X25519_KEY, X25519PrivateKey, allow_insecure))
+    keys = TrunkKeys(read_private_key(d / X25519_KEY, X25519PrivateKey, allow_insecure))
     _check_public_matches(d / X25519_PUB, keys.x25519_public)
     return keys
 
@@ -202,7 +202,7 @@ def load_silo_public(key_dir: str | os.PathLike) -> tuple[bytes, bytes]:
     return load_public(d / ED25519_PUB), load_public(d / X25519_PUB)
 
 
-def _prepare_dir(out: Path, names: list[str], overwrite: bool) -> Path:
+def prepare_key_dir(out: Path, names: list[str], overwrite: bool) -> Path:
     # 0700 for a directory we create; an existing one is the operator's choice.
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not overwrite:
@@ -212,12 +212,12 @@ def _prepare_dir(out: Path, names: list[str], overwrite: bool) -> Path:
     return out
 
 
-def _write_private(path: Path, key: Ed25519PrivateKey | X25519PrivateKey) -> None:
+def write_private_key(path: Path, key: Ed25519PrivateKey | X25519PrivateKey) -> None:
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     write_bytes_atomic(path, pem, mode=0o600)  # 0600 from creation (O_EXCL temp file), then rename
 
 
-def _write_public(path: Path, raw: bytes) -> None:
+def write_public_key(path: Path, raw: bytes) -> None:
     write_bytes_atomic(path, (raw.hex() + "\n").encode("ascii"), mode=0o644)
 
 
@@ -238,7 +238,7 @@ def _read_small(path: Path) -> bytes:
         raise KeyFileError(f"{path}: cannot read key file: {exc}") from None
 
 
-def _read_private(path: Path, key_type: type, allow_insecure: bool):
+def read_private_key(path: Path, key_type: type, allow_insecure: bool):
     data = _read_small(path)
     mode = stat.S_IMODE(path.stat().st_mode)
     if os.name == "posix" and mode & 0o077:
@@ -273,6 +273,7 @@ class EnrolledSilo:
     status: str  # "enrolled" | "revoked"
     enrolled_at: float
     revoked_at: float | None = None
+    certificate: bytes | None = None  # operator-signed (shared/certificates.py); None if enrolled without
 
     @property
     def revoked(self) -> bool:
@@ -293,4 +294,5 @@ class EnrolledSilo:
             "x25519": self.x25519_public.hex(),
             "enrolled_at": self.enrolled_at,
             "revoked_at": self.revoked_at,
+            "certified": self.certificate is not None,
         }

@@ -34,6 +34,8 @@ class CommonSettings(BaseSettings):
     max_tensor_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest tensor accepted from the wire")
     curve: bool = Field(False, description="CurveZMQ on every socket (hop encryption + ZAP allow-list at the broker)")
     curve_cert: Path | None = Field(None, description="this role's CurveZMQ secret certificate (NAME.key_secret)")
+    operator_fingerprint: str | None = Field(None, description="pinned operator key fingerprint (sha256:...): "
+                                             "silo keys are taken from the directory only with its signed certificate")
 
 
 class ModelSettings(CommonSettings):

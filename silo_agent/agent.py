@@ -45,6 +45,7 @@ from shared.run_config import ConfigMismatch, claim_line, config_digest, run_con
 from shared.sealed_codec import SealedCodec
 from shared.sealing import SealError
 from shared.settings import SiloSettings
+from shared.silo_directory import SiloDirectory
 from shared.step_timeline import StepTimeline
 from shared.tokenizer import load_tokenizer
 from shared.transport import client_socket
@@ -53,7 +54,7 @@ from silo_agent.aggregation import RoundAggregation
 from silo_agent.broker_liveness import BrokerLiveness
 from silo_agent.generation import generate_live
 from silo_agent.microbatch import run_microbatched_step
-from silo_agent.peer_errors import PeerError, Reregister, Retry, Rollback, Straggler, resume_round  # noqa: F401
+from silo_agent.peer_errors import IdentityTaken, PeerError, Reregister, Retry, Rollback, Straggler, resume_round  # noqa: F401
 
 log = logging.getLogger("silo")
 
@@ -95,7 +96,8 @@ class SiloAgent:
                                   settings.curve_broker_key)
         self.broker = BrokerLiveness(settings.heartbeat_s, settings.broker_timeout_s, settings.broker_frontend)
         self.aggregation = RoundAggregation(
-            settings.silo_id, settings.run_id, trainable, self.dataset.num_examples, registry,
+            settings.silo_id, settings.run_id, trainable, self.dataset.num_examples,
+            SiloDirectory(registry, settings.operator_fingerprint),
             self.keys.x25519 if isinstance(self.codec, SealedCodec) else None, self.send, self.await_match)
 
     def _make_codec(self, settings: SiloSettings):
@@ -273,8 +275,8 @@ class SiloAgent:
                 # the READY's own answer says where to resume. Say READY again, at most twice a second.
                 log.info("while registering: %s", exc)
                 time.sleep(0.5)
-            except PeerError as exc:
-                if "identity_taken" not in str(exc) or time.monotonic() + delay > deadline:
+            except IdentityTaken:
+                if time.monotonic() + delay > deadline:
                     raise
                 log.info("the broker still holds %s's previous connection; retrying in %.2fs", s.silo_id, delay)
                 time.sleep(delay)
@@ -401,6 +403,8 @@ class SiloAgent:
                     raise ConfigMismatch(f"refused for a config mismatch: {error.detail}")
                 if error.code == Reason.REGISTER:
                     raise Reregister(msg.text)
+                if error.code == Reason.IDENTITY_TAKEN:
+                    raise IdentityTaken(f"step {msg.step} refused: {msg.text}")
                 if error.code == Reason.STRAGGLER and msg.step == step:
                     raise Straggler(msg.text)
                 if error.code == Reason.RETRY and step is not None:

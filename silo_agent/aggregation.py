@@ -17,24 +17,23 @@ from collections.abc import Callable
 
 import torch
 
-from shared import enrollment
 from shared import secure_agg
 from shared.control_text import AggStart
 from shared.protocol import Kind
-from shared.registry import Registry, retry_redis
+from shared.registry import retry_redis
+from shared.silo_directory import SiloDirectory
 from shared.wire import Message
 
 log = logging.getLogger("silo")
 
-
 class RoundAggregation:
     def __init__(self, silo_id: str, run_id: str, params: list[torch.nn.Parameter], weight: int,
-                 registry: Registry, x25519_key, send: Callable[[Message], None],
+                 directory: SiloDirectory, x25519_key, send: Callable[[Message], None],
                  await_msg: Callable[[Callable[[Message], bool], str], Message]) -> None:
         self.silo_id, self.run_id = silo_id, run_id
         self.params = params
         self.weight = weight
-        self.registry = registry
+        self.directory = directory  # peers' X25519 keys, as the operator's certificates vouch for them
         self.key = x25519_key  # None: no keys, uploads go unmasked
         self.send, self.await_msg = send, await_msg
         self._warned = False
@@ -75,7 +74,7 @@ class RoundAggregation:
                                         self.run_id, rnd, attempt, participants)
 
     def _public_of(self, silo: str) -> bytes:
-        enrolled = retry_redis(enrollment.lookup, self.registry, silo)
+        enrolled = retry_redis(self.directory.lookup, silo)
         if enrolled is None or enrolled.revoked:
             raise secure_agg.SecureAggError("not_enrolled", f"participant {silo} is not enrolled in this run")
         return enrolled.x25519_public

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from shared import enrollment
+from shared import certificates, enrollment
 from shared import keys as keystore
 from shared.cli_options import build_settings, settings_options
 from shared.registry import Registry, RegistryError
@@ -30,7 +30,7 @@ def keys() -> None:
 
 
 @keys.command("gen")
-@click.option("--role", type=click.Choice(["silo", "trunk"]), required=True)
+@click.option("--role", type=click.Choice(["silo", "trunk", "operator"]), required=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True, help="directory for the key files")
 @click.option("--force", is_flag=True, help="overwrite existing keys in --out")
 def gen(role: str, out_dir: Path, force: bool) -> None:
@@ -39,6 +39,8 @@ def gen(role: str, out_dir: Path, force: bool) -> None:
         if role == "silo":
             k = keystore.generate_silo_keys(out_dir, overwrite=force)
             fp = keystore.fingerprint(k.identity_public)
+        elif role == "operator":
+            fp = keystore.fingerprint(certificates.operator_public(certificates.generate_operator_key(out_dir, force)))
         else:
             k = keystore.generate_trunk_keys(out_dir, overwrite=force)
             fp = k.fingerprint
@@ -48,6 +50,9 @@ def gen(role: str, out_dir: Path, force: bool) -> None:
     click.echo(f"fingerprint: {fp}")
     if role == "trunk":
         click.echo("silos pin it with --trunk-fingerprint (SPLITFED_TRUNK_FINGERPRINT)")
+    elif role == "operator":
+        click.echo("every role pins it with --operator-fingerprint (SPLITFED_OPERATOR_FINGERPRINT); "
+                   f"sign enrollments with: splitfed keys enroll --operator-key {out_dir} ...")
     else:
         click.echo(f"enroll it: splitfed keys enroll --silo-id ID --keys-dir {out_dir}")
 
@@ -71,16 +76,33 @@ def show_fingerprint(key_dir: Path) -> None:
 @click.option("--keys-dir", type=click.Path(path_type=Path, exists=True, file_okay=False), required=True,
               help="directory holding the silo's public keys (ed25519.pub, x25519.pub)")
 @click.option("--replace", is_flag=True, help="replace different keys, or re-admit a revoked silo")
+@click.option("--operator-key", "operator_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="the operator's key directory: sign a certificate for the silo (roles that pin the operator "
+                   "take only certified keys)")
+@click.option("--valid-days", type=click.IntRange(1, 3650), default=365, show_default=True)
 @settings_options(CommonSettings)
-def enroll(silo_id: str, keys_dir: Path, replace: bool, **options) -> None:
-    """Add a silo's public keys to the run's allow-list in Redis."""
+def enroll(silo_id: str, keys_dir: Path, replace: bool, operator_dir: Path | None, valid_days: int, **options) -> None:
+    """Add a silo's public keys to the run's allow-list in Redis (signed by the operator with --operator-key)."""
     registry = _registry(options)
     try:
         ed, x = keystore.load_silo_public(keys_dir)
-        entry = enrollment.enroll(registry, silo_id, ed, x, replace=replace)
-    except (keystore.KeyFileError, keystore.KeyStoreError, ValueError) as exc:
+        certificate = None
+        if operator_dir is not None:
+            operator = certificates.load_operator_key(operator_dir)
+            epoch = _revocations(registry, operator).epoch
+            certificate = certificates.issue(operator, registry.run_id, silo_id, ed, x, epoch, valid_days * 86400)
+            enrollment.publish_operator_key(registry, certificates.operator_public(operator))
+        entry = enrollment.enroll(registry, silo_id, ed, x, replace=replace, certificate=certificate)
+    except (keystore.KeyFileError, keystore.KeyStoreError, certificates.CertificateError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"enrolled {silo_id} in run {registry.run_id}: {entry.fingerprint}")
+    signed = " (operator-signed certificate)" if certificate is not None else ""
+    click.echo(f"enrolled {silo_id} in run {registry.run_id}: {entry.fingerprint}{signed}")
+
+
+def _revocations(registry: Registry, operator) -> certificates.RevocationList:
+    """The run's current revocation list, checked with the operator's own key."""
+    check = certificates.CertificateCheck(certificates.operator_public(operator), registry.run_id)
+    return check.update_revocations(enrollment.revocations(registry))
 
 
 @keys.command("list")
@@ -100,11 +122,24 @@ def list_cmd(as_json: bool, **options) -> None:
 
 @keys.command("revoke")
 @click.option("--silo-id", required=True)
+@click.option("--operator-key", "operator_dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="the operator's key directory: add the silo to the signed revocation list, which roles "
+                   "that pin the operator check at every handshake")
 @settings_options(CommonSettings)
-def revoke(silo_id: str, **options) -> None:
+def revoke(silo_id: str, operator_dir: Path | None, **options) -> None:
     """Revoke a silo: its next handshake (at the latest, next round) is refused."""
-    if not enrollment.revoke(_registry(options), silo_id):
+    registry = _registry(options)
+    if not enrollment.revoke(registry, silo_id):
         raise click.ClickException(f"{silo_id} is not enrolled in this run")
+    if operator_dir is not None:
+        try:
+            operator = certificates.load_operator_key(operator_dir)
+            epoch, revoked = certificates.revoke_in(_revocations(registry, operator), registry.run_id, silo_id)
+            enrollment.store_revocations(registry, certificates.sign_revocations(operator, registry.run_id, epoch, revoked))
+        except (keystore.KeyFileError, certificates.CertificateError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"revoked {silo_id} (signed revocation list, epoch {epoch})")
+        return
     click.echo(f"revoked {silo_id}")
 
 

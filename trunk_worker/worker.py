@@ -32,6 +32,7 @@ from shared.registry import Heartbeat, Registry, retry_redis
 from shared.run_config import ConfigMismatch, claim_line, config_digest, describe, differences, parse_claim, run_config
 from shared.sealed_codec import SealedCodec
 from shared.sealing import SealError
+from shared.silo_directory import SiloDirectory
 from shared.settings import TrunkSettings
 from shared.step_timeline import StepTimeline
 from shared.transport import client_socket
@@ -67,6 +68,7 @@ class TrunkWorker:
         self._sigterms = 0
         self.metrics = RoleMetrics("trunk", settings.worker_id, settings.metrics_port, settings.metrics_addr)
         self.keys = None
+        self.directory = SiloDirectory(registry, settings.operator_fingerprint)  # the silos a hello may come from
         self.codec = self._make_codec(settings, registry)
         self.timeline = StepTimeline(self.codec, self.metrics)  # per-step parts, for `bench step`
         # What a step is in this run's mode: the worker hands every step message to it.
@@ -259,7 +261,7 @@ class TrunkWorker:
         if self.accepted_hellos.get(msg.silo_id) == raw:
             return None  # the same hello again (replayed to us by the broker): the session stands
         session = accept_hello(
-            raw, self.keys, lambda silo: retry_redis(enrollment.lookup, self.registry, silo),
+            raw, self.keys, lambda silo: retry_redis(self.directory.lookup, silo),
             self.settings.run_id, allowed_ciphers=(self.settings.cipher,), guard=self.hello_guard,
             sender_slot=self.sender_slot, max_tensor_bytes=self.settings.max_tensor_bytes,
             config_digest=self._hello_config_digest(msg))
