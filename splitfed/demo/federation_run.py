@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import enrollment
+from shared import certificates, enrollment
 from shared import keys as keystore
 from shared.bbc import demo_examples, split_for_silos
 from shared.registry import Registry
@@ -108,18 +108,24 @@ def write_silo_data(run_dir: Path, cfg: DemoConfig) -> list[Path]:
 
 
 def make_throwaway_keys(run_dir: Path, cfg: DemoConfig, registry: Registry) -> dict[str, dict[str, str]]:
-    """Fresh keys for this run only: a trunk service key, and one enrolled key set per silo.
+    """Fresh keys for this run only: an operator key, a trunk service key, and one key set per silo,
+    enrolled with an operator-signed certificate.
 
-    Returns each role's extra environment (its key directory; the silos' pinned trunk fingerprint).
+    Returns each role's extra environment (its key directory; the pinned trunk and operator fingerprints).
     """
     if not cfg.encryption:
         return {}
+    operator = certificates.generate_operator_key(run_dir / "keys" / "operator")
+    enrollment.publish_operator_key(registry, certificates.operator_public(operator))
+    pinned = {"SPLITFED_OPERATOR_FINGERPRINT": keystore.fingerprint(certificates.operator_public(operator))}
     trunk = keystore.generate_trunk_keys(run_dir / "keys" / "trunk")
-    env = {"trunk": {"SPLITFED_KEYS_DIR": str(run_dir / "keys" / "trunk")}}
+    env = {"trunk": {"SPLITFED_KEYS_DIR": str(run_dir / "keys" / "trunk"), **pinned}, "broker": dict(pinned)}
     for sid in cfg.silo_ids:
         silo = keystore.generate_silo_keys(run_dir / "keys" / sid)
-        enrollment.enroll(registry, sid, silo.identity_public, silo.x25519_public)
-        env[sid] = {"SPLITFED_KEYS_DIR": str(run_dir / "keys" / sid), "SPLITFED_TRUNK_FINGERPRINT": trunk.fingerprint}
+        certificate = certificates.issue(operator, registry.run_id, sid, silo.identity_public, silo.x25519_public, 0)
+        enrollment.enroll(registry, sid, silo.identity_public, silo.x25519_public, certificate=certificate)
+        env[sid] = {"SPLITFED_KEYS_DIR": str(run_dir / "keys" / sid), "SPLITFED_TRUNK_FINGERPRINT": trunk.fingerprint,
+                    **pinned}
     return env
 
 
