@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import os
 import secrets
+from pathlib import Path
 
 import pytest
 import redis
 
 REDIS_URL = os.environ.get("SPLITFED_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+# The per-user model cache the product itself uses (shared/model_store.cache_root: $SPLITFED_CACHE_DIR,
+# else ~/.cache/splitfed), read once here, before any test points SPLITFED_CACHE_DIR at a temporary
+# directory. Tests that only need a converted real model (not the conversion itself) take it from here,
+# so a machine converts each model once, not on every run; test_model_store still converts SmolLM2
+# from scratch into a fresh cache.
+USER_CACHE = Path(os.environ.get("SPLITFED_CACHE_DIR") or Path.home() / ".cache" / "splitfed").expanduser()
 
 
 def _wipe(client: redis.Redis, prefix: str) -> None:

