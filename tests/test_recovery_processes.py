@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -39,21 +40,48 @@ def _final_weights(run_dir: Path) -> dict:
     return weights
 
 
+KILLS = ["trunk@7", "broker@9", "silo1@5", "redis@11", "broker@uncommitted-hello"]
+# The module's demos (the fault-free one and one per selected kill) are independent runs, each of its
+# own run id, ports, run dir and (redis@) private Redis; most of a demo's wall time is its processes'
+# imports, on one core each, so a few run at once, started ahead by the `demos` fixture and each
+# awaited by the test that checks it. Every demo is still a whole real run, checked as before.
+CONCURRENT_DEMOS = 3
+
+
+class _Demos:
+    def __init__(self, tmp: Path, prefix: str, runs: dict[str, tuple[str, ...]]) -> None:
+        self.pool = ThreadPoolExecutor(CONCURRENT_DEMOS, thread_name_prefix="demo")
+        self.futures = {name: self.pool.submit(_demo, tmp, prefix, name, *extra) for name, extra in runs.items()}
+
+    def result(self, name: str) -> tuple[dict, Path]:
+        return self.futures[name].result()  # a failed demo's assertion is raised here, in its test
+
+
 @pytest.fixture(scope="module")
-def fault_free(tmp_path_factory):
+def demos(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("recovery")
     prefix = f"splitfed-test-rec-{os.getpid()}"
-    result, run_dir = _demo(tmp, prefix, "fault-free")
-    return tmp, prefix, result, _final_weights(run_dir)
+    selected = [item.callspec.params["kill"] for item in request.session.items
+                if item.module is request.module and item.originalname == "test_a_killed_role_changes_nothing"]
+    runs = {"fault-free": (), **{kill.replace("@", "-"): ("--kill", kill) for kill in KILLS if kill in selected}}
+    started = _Demos(tmp, prefix, runs)
+    yield started
+    started.pool.shutdown(wait=True, cancel_futures=True)
 
 
-@pytest.mark.parametrize("kill", ["trunk@7", "broker@9", "silo1@5", "redis@11", "broker@uncommitted-hello"])
-def test_a_killed_role_changes_nothing(fault_free, kill):
+@pytest.fixture(scope="module")
+def fault_free(demos):
+    result, run_dir = demos.result("fault-free")
+    return result, _final_weights(run_dir)
+
+
+@pytest.mark.parametrize("kill", KILLS)
+def test_a_killed_role_changes_nothing(demos, fault_free, kill):
     """broker@uncommitted-hello is the window of issue 14: round 0 aggregated, a silo's round-1
     session already accepted by the trunk, round 0 not committed. The broker stops itself there
     (a fail point), so the kill lands in that window on every run."""
-    tmp, prefix, base, base_weights = fault_free
-    result, run_dir = _demo(tmp, prefix, kill.replace("@", "-"), "--kill", kill)
+    base, base_weights = fault_free
+    result, run_dir = demos.result(kill.replace("@", "-"))
     (fault,) = result["faults"]
     assert fault["killed_step"] is not None, "the fault was never injected"
     assert result["servers_stopped_by_signal"] == []  # broker and trunk (--burst) exited 0 by themselves
