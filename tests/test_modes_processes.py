@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -73,8 +74,11 @@ def test_hierarchical_recomputed_forwards_give_the_same_losses(tmp_path, redis_p
     once). Every (silo, step) loss is bit for bit the one of a run that keeps every graph."""
     args = ("--mode", "hierarchical", "--silos", "4", "--max-inflight", "2", "--steps", "6", "--local-steps", "3")
     (tmp_path / "recompute").mkdir(), (tmp_path / "keep").mkdir()
-    recomputed = _demo(tmp_path / "recompute", redis_prefix, *args, "--recompute-forward")
-    kept = _demo(tmp_path / "keep", redis_prefix, *args)
+    # two independent runs (own run id, ports, run dir): at once, as their processes' imports leave cores idle
+    with ThreadPoolExecutor(2) as pool:
+        recomputing = pool.submit(_demo, tmp_path / "recompute", redis_prefix, *args, "--recompute-forward")
+        keeping = pool.submit(_demo, tmp_path / "keep", redis_prefix, *args)
+        recomputed, kept = recomputing.result(), keeping.result()
     assert recomputed["trunk_recomputed_steps"] == 24 and kept["trunk_recomputed_steps"] == 0
     by_step = lambda r: {tuple(k): loss for k, loss in zip(r["schedule"], r["losses"])}  # noqa: E731
     assert len(by_step(recomputed)) == 24 and by_step(recomputed) == by_step(kept)
