@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -26,9 +27,66 @@ def _demo(tmp_path, redis_prefix, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_client_batch_matches_its_reference(tmp_path, redis_prefix):
-    result = _demo(tmp_path, redis_prefix, "--mode", "client-batch", "--silos", "4", "--steps", "10",
-                   "--local-steps", "5")
+# The demos of the tests below that check one whole `splitfed demo` run, by test name. They are
+# independent runs (own run id, ports, run dir, cache), and most of a demo's wall time is its processes'
+# imports, one core each: the `demos` fixture starts the selected tests' demos ahead, two at a time,
+# and each test waits for its own and checks it as before.
+DEMOS = {
+    "test_client_batch_matches_its_reference":
+        ("--mode", "client-batch", "--silos", "4", "--steps", "10", "--local-steps", "5"),
+    **{f"test_a_quantized_trunk_base_matches_its_quantized_reference[{mode}-{quant}]":
+       ("--mode", mode, "--silos", "2", "--steps", "4", "--local-steps", "2", "--trunk-quant", quant)
+       for mode, quant in [("serial", "nf4"), ("client-batch", "int8")]},
+    **{f"test_hierarchical_matches_its_fedavg_reference[{workers}]":
+       ("--mode", "hierarchical", "--silos", "4", "--workers", workers, "--steps", "6", "--local-steps", "3")
+       for workers in ["1", "2"]},
+    "test_hierarchical_without_fedavg_still_averages_the_trunk_adapters":
+        ("--mode", "hierarchical", "--silos", "2", "--steps", "4", "--local-steps", "2", "--aggregation", "none"),
+    "test_cut_defense_is_applied_on_the_wire":
+        ("--mode", "serial", "--silos", "1", "--steps", "4", "--local-steps", "4",
+         "--cut-clip-norm", "5.0", "--cut-noise-sigma", "0.5"),
+    **{f"test_hierarchical_writes_each_silos_trunk_adapter_and_the_average[{personalize}]":
+       ("--mode", "hierarchical", "--silos", "2", "--steps", "4", "--local-steps", "2",
+        *(["--personalize"] if personalize else []))
+       for personalize in [False, True]},
+}
+CONCURRENT_DEMOS = 2
+
+
+class _Demos:
+    def __init__(self, tmp_path_factory, prefix: str, names: list[str]) -> None:
+        self.pool = ThreadPoolExecutor(CONCURRENT_DEMOS, thread_name_prefix="demo")
+        self.futures = {name: self.pool.submit(self._run, tmp_path_factory.mktemp("demo"), prefix, name)
+                        for name in names}
+
+    @staticmethod
+    def _run(tmp, prefix: str, name: str):
+        run_dir = tmp / "run"
+        return _demo(tmp, prefix, *DEMOS[name], "--run-dir", str(run_dir)), run_dir
+
+    def result(self, request) -> tuple[dict, object]:
+        """The calling test's demo: (its JSON result, its run dir); a failed demo's assertion is raised here."""
+        return self.futures[request.node.name].result()
+
+
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory, request):
+    import redis
+
+    from tests.conftest import REDIS_URL, _wipe
+
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = f"splitfed-test-{secrets.token_hex(4)}"
+    names = [item.name for item in request.session.items if item.module is request.module and item.name in DEMOS]
+    started = _Demos(tmp_path_factory, prefix, names)
+    yield started
+    started.pool.shutdown(wait=True, cancel_futures=True)
+    _wipe(client, prefix)
+    client.close()
+
+
+def test_client_batch_matches_its_reference(demos, request):
+    result, _ = demos.result(request)
     assert len(result["losses"]) == len(result["centralized_losses"]) == 40
     assert result["max_abs_loss_diff"] <= 1e-5
     # the demo itself fails when a file or tensor is only on one side: 4 silos' head/tail, the trunk
@@ -38,36 +96,63 @@ def test_client_batch_matches_its_reference(tmp_path, redis_prefix):
 
 
 @pytest.mark.parametrize("mode, quant", [("serial", "nf4"), ("client-batch", "int8")])
-def test_a_quantized_trunk_base_matches_its_quantized_reference(tmp_path, redis_prefix, mode, quant):
+def test_a_quantized_trunk_base_matches_its_quantized_reference(demos, request, mode, quant):
     """QLoRA: the trunk worker's blocks in NF4 / int8 (bitsandbytes' CPU backend), LoRA in fp32 on top;
     the centralized reference quantizes the same blocks the same way, and the run equals it."""
-    result = _demo(tmp_path, redis_prefix, "--mode", mode, "--silos", "2", "--steps", "4", "--local-steps", "2",
-                   "--trunk-quant", quant, "--run-dir", str(tmp_path / "run"))
+    result, run_dir = demos.result(request)
     assert len(result["losses"]) == len(result["centralized_losses"]) == 8
     assert result["max_abs_loss_diff"] <= 1e-5 and result["max_abs_weight_diff"] <= 1e-5
-    trunk_log = (tmp_path / "run" / "logs" / "trunk0.log").read_text()
+    trunk_log = (run_dir / "logs" / "trunk0.log").read_text()
     assert f"trunk base quantized to {quant}: 14 linear layers" in trunk_log  # tiny: 2 trunk blocks x 7
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])  # one worker averages alone; two exchange TRUNK_SYNC
-def test_hierarchical_matches_its_fedavg_reference(tmp_path, redis_prefix, workers):
-    result = _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "4", "--workers", workers,
-                   "--steps", "6", "--local-steps", "3")
+def test_hierarchical_matches_its_fedavg_reference(demos, request, workers):
+    result, _ = demos.result(request)
     assert len(result["losses"]) == len(result["centralized_losses"]) == 24
     assert result["max_abs_loss_diff"] <= 1e-5
     # 4 silos' head/tail, 4 silos' trunk adapters and their average
     assert result["max_abs_weight_diff"] <= 1e-5 and result["weight_tensors_compared"] > 0
 
 
-def test_hierarchical_without_fedavg_still_averages_the_trunk_adapters(tmp_path, redis_prefix):
+def test_hierarchical_without_fedavg_still_averages_the_trunk_adapters(demos, request):
     """--aggregation none keeps each silo's own head/tail; the trunk workers still average the trunk
     adapters at every round's end (only --personalize keeps them apart), and so does the reference."""
-    result = _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "2", "--steps", "4",
-                   "--local-steps", "2", "--aggregation", "none")
+    result, _ = demos.result(request)
     assert len(result["losses"]) == len(result["centralized_losses"]) == 8
     assert result["max_abs_loss_diff"] <= 1e-5 and result["max_abs_weight_diff"] <= 1e-5
 
 
+def test_cut_defense_is_applied_on_the_wire(demos, request):
+    """With noise on the cut activations the run still trains, and its losses leave the (noise-free)
+    reference: the defense really sits between the head and the wire."""
+    result, _ = demos.result(request)
+    assert len(result["losses"]) == 4 and all(v == v for v in result["losses"])  # no NaN
+    assert result["max_abs_loss_diff"] > 1e-3
+
+
+@pytest.mark.parametrize("personalize", [False, True])
+def test_hierarchical_writes_each_silos_trunk_adapter_and_the_average(demos, request, personalize):
+    """The demo's weights/: every silo's own trunk adapter (trunk-<silo>.safetensors) and, when the
+    rounds average them, the average (trunk.safetensors), equal to each silo's after the last round.
+    With --personalize there is no average, and the silos' adapters differ."""
+    import torch
+
+    from shared.adapter_files import load_adapter_file
+
+    _, run_dir = demos.result(request)
+    weights = run_dir / "weights"
+    own = {s: load_adapter_file(weights / f"trunk-{s}.safetensors") for s in ("silo0", "silo1")}
+    assert own["silo0"][1]["role"] == "trunk" and own["silo0"][0].keys() == own["silo1"][0].keys()
+    same = all(torch.equal(own["silo0"][0][k], own["silo1"][0][k]) for k in own["silo0"][0])
+    if personalize:
+        assert not (weights / "trunk.safetensors").exists() and not same
+    else:
+        average, _ = load_adapter_file(weights / "trunk.safetensors")
+        assert same and all(torch.equal(average[k], own["silo0"][0][k]) for k in average)
+
+
+# After the DEMOS tests: by then every demo started ahead has finished, so these run alone as before.
 def test_hierarchical_recomputed_forwards_give_the_same_losses(tmp_path, redis_prefix):
     """--recompute-forward: every step keeps only its input and runs its forward again at its
     BACKWARD, through that silo's adapter (whichever is installed then; two steps are open at
@@ -136,35 +221,3 @@ def test_a_dead_trunk_worker_hands_its_silos_to_another(tmp_path, redis_prefix):
     finally:
         fed.stop()
         os.environ.pop("SPLITFED_CACHE_DIR", None)
-
-
-def test_cut_defense_is_applied_on_the_wire(tmp_path, redis_prefix):
-    """With noise on the cut activations the run still trains, and its losses leave the (noise-free)
-    reference: the defense really sits between the head and the wire."""
-    result = _demo(tmp_path, redis_prefix, "--mode", "serial", "--silos", "1", "--steps", "4", "--local-steps", "4",
-                   "--cut-clip-norm", "5.0", "--cut-noise-sigma", "0.5")
-    assert len(result["losses"]) == 4 and all(v == v for v in result["losses"])  # no NaN
-    assert result["max_abs_loss_diff"] > 1e-3
-
-
-@pytest.mark.parametrize("personalize", [False, True])
-def test_hierarchical_writes_each_silos_trunk_adapter_and_the_average(tmp_path, redis_prefix, personalize):
-    """The demo's weights/: every silo's own trunk adapter (trunk-<silo>.safetensors) and, when the
-    rounds average them, the average (trunk.safetensors), equal to each silo's after the last round.
-    With --personalize there is no average, and the silos' adapters differ."""
-    import torch
-
-    from shared.adapter_files import load_adapter_file
-
-    run_dir = tmp_path / "run"
-    _demo(tmp_path, redis_prefix, "--mode", "hierarchical", "--silos", "2", "--steps", "4", "--local-steps", "2",
-          "--run-dir", str(run_dir), *(["--personalize"] if personalize else []))
-    weights = run_dir / "weights"
-    own = {s: load_adapter_file(weights / f"trunk-{s}.safetensors") for s in ("silo0", "silo1")}
-    assert own["silo0"][1]["role"] == "trunk" and own["silo0"][0].keys() == own["silo1"][0].keys()
-    same = all(torch.equal(own["silo0"][0][k], own["silo1"][0][k]) for k in own["silo0"][0])
-    if personalize:
-        assert not (weights / "trunk.safetensors").exists() and not same
-    else:
-        average, _ = load_adapter_file(weights / "trunk.safetensors")
-        assert same and all(torch.equal(average[k], own["silo0"][0][k]) for k in average)
