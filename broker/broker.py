@@ -26,9 +26,10 @@ from broker.generation_routes import GenerationRoutes
 from broker.redis_writes import RedisWrites
 from broker.rounds import RoundAggregator
 from broker.schedules import StepRoutes, replay_membership, schedule_for
+from broker.silo_records import SiloRecords
 from broker.trunk_rounds import TrunkRounds
 from shared import failpoints
-from shared.control_text import PeerIntro, ResumePoint
+from shared.control_text import PeerIntro, ResumePoint, SiloReport
 from shared.metrics import RoleMetrics
 from shared.protocol import BEACON_SUFFIX, GENERATION_KINDS, ErrorReason, Kind, Reason
 from shared.registration import verify_registration
@@ -67,6 +68,7 @@ class Broker:
         # Every Redis write of the poll loop goes through this background writer (counters coalesce).
         self.writes = RedisWrites(registry, flush_s=min(settings.heartbeat_s, 0.5))
         self.directory = SiloDirectory(registry, settings.operator_fingerprint)  # whose READY is genuine
+        self.records = SiloRecords(registry, self.writes, settings.liveness_ttl_s)  # Redis on the silos' behalf
         # What the mode decides (when a FORWARD goes, to which worker): broker/schedules.py.
         self.schedule = schedule_for(settings, self.silos,
                                      lambda silo, w: self.writes.call("assign", registry.assign, silo, w))
@@ -261,6 +263,11 @@ class Broker:
             self.rounds.drop(silo, "left the run")
             if self.left >= set(self.silos):
                 self._finish_run()
+        elif header.kind == Kind.PROGRESS:
+            try:
+                self.records.report(silo, SiloReport.from_text(_text_of(header, frames)))
+            except ValueError as exc:
+                self._reject("bad_report", str(exc), self.frontend, identity, header)
         elif header.kind == Kind.HEARTBEAT:
             pass
         else:
@@ -422,6 +429,9 @@ class Broker:
         for silo, identity in self.silo_identity.items():
             if silo not in self.left:
                 self._beat(self.frontend, identity, silo)
+        now = time.monotonic()
+        self.records.alive([s for s in self.silo_identity if s not in self.left
+                            and now - self.silo_seen.get(s, 0.0) < self.settings.liveness_ttl_s])
         for worker in self.workers.values():
             self._beat(self.backend, worker.identity, worker.worker_id)
 
@@ -504,7 +514,8 @@ class Broker:
         replay_membership(self.schedule, registered=self.silo_identity, gone=self.left | self.away)
         self.routes.holder.clear()
         self.rounds = RoundAggregator(self.run_id, s.round_timeout_s, self._send_to_silo, self._start_trunk_sync,
-                                      self._commit_round, aggregate=s.aggregation == "fedavg")
+                                      self._commit_round, aggregate=s.aggregation == "fedavg",
+                                      peer_keys=self.records.peer_keys)
         self.trunk_rounds = TrunkRounds()
 
     def _commit_round(self, rnd: int) -> None:
@@ -551,6 +562,10 @@ class Broker:
             self.run_reference = self._load_run_config() or self.run_reference  # recorded since we started
         if diffs := differences({**self.run_reference, **self.own_config}, theirs):
             return "config_mismatch", describe(diffs, "run", f"this {role}")
+        if missing := {k: v for k, v in theirs.items() if k not in self.run_reference}:
+            # the first peer to claim a field sets it for the run (silos cannot write to Redis themselves)
+            self.run_reference = {**missing, **self.run_reference}
+            self.writes.call("record the run config", self.registry.claim_run_config, missing)
         return None
 
     def _load_run_config(self) -> dict:

@@ -49,13 +49,14 @@ class RoundState:
 class RoundAggregator:
     def __init__(self, run_id: str, timeout_s: float, send: Callable[[str, Message], None],
                  start_trunk_sync: Callable[[int, dict[str, int]], bool], on_committed: Callable[[int], None],
-                 aggregate: bool = True) -> None:
+                 aggregate: bool = True, peer_keys: Callable[[list[str]], torch.Tensor] | None = None) -> None:
         self.run_id = run_id
         self.timeout_s = timeout_s
         self.aggregate = aggregate
         self.send = send  # (silo, message)
         self.start_trunk_sync = start_trunk_sync  # ROUND_END to the workers; True: wait for ROUND_DONEs
         self.on_committed = on_committed
+        self.peer_keys = peer_keys  # the participants' keys for AGG_START (silos reach no directory themselves)
         self.rounds: dict[int, RoundState] = {}
 
     def join(self, silo: str, rnd: int, weight: int, active: set[str]) -> None:
@@ -112,8 +113,7 @@ class RoundAggregator:
             state.attempt += 1
             log.warning("round %d: %s dropped before the commit point (%s); attempt %d with %s",
                         state.round, silo, why, state.attempt, ",".join(state.participants))
-            for s in state.participants:
-                self._start_msg(s, state, state.participants)
+            self._start_attempt(state)
 
     def tick(self, active: set[str]) -> None:
         """Fix the participant set of rounds whose silos have all joined, or that timed out."""
@@ -129,8 +129,7 @@ class RoundAggregator:
                 log.warning("round %d: closing without %s (not joined within %.0fs)", state.round,
                             ",".join(sorted(active - state.joined.keys())), self.timeout_s)
             if self.aggregating(state):
-                for s in state.participants:
-                    self._start_msg(s, state, state.participants)
+                self._start_attempt(state)
             state.trunk_pending = self.start_trunk_sync(state.round, dict(state.joined))
             self._maybe_finish(state)
 
@@ -159,6 +158,8 @@ class RoundAggregator:
             self.rounds.pop(state.round, None)
             self.on_committed(state.round)
 
-    def _start_msg(self, silo: str, state: RoundState, participants: list[str]) -> None:
-        self.send(silo, Message(Kind.AGG_START, self.run_id, silo, state.round, seq=state.attempt,
-                                text=AggStart(tuple(participants)).to_text()))
+    def _start_attempt(self, state: RoundState) -> None:
+        keys = [] if self.peer_keys is None else [self.peer_keys(list(state.participants))]
+        for silo in state.participants:
+            self.send(silo, Message(Kind.AGG_START, self.run_id, silo, state.round, seq=state.attempt,
+                                    text=AggStart(tuple(state.participants)).to_text(), tensors=keys))

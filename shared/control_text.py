@@ -8,10 +8,12 @@ round-trips every one). The wire itself is unchanged (shared/protocol.py documen
 * ``PeerIntro``    a peer's READY: "incarnation=<hex>" and the run-config claim line.
 * ``RoundEnd``     ROUND_END (broker -> trunk, hierarchical): "w0,w1;silo0:100,silo1:80".
 * ``AggStart``     AGG_START (broker -> silo): the participants, comma-separated.
+* ``SiloReport``   PROGRESS (silo -> broker): JSON of the fields `splitfed status` shows.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from shared.wire import FrameError
@@ -105,3 +107,47 @@ class AggStart:
     @classmethod
     def from_text(cls, text: str | None) -> AggStart:
         return cls(tuple(p for p in (text or "").split(",") if p))
+
+
+# What a silo may report, and what each may hold: the broker writes these into the silo's Redis
+# hash, so nothing else gets in (no field can shadow another role's, no value is unbounded).
+REPORT_FIELDS = {"samples": int, "steps": int, "pid": int, "host": str, "round": int, "step": int,
+                 "loss": str, "updated_at": str, "status": str}
+REPORT_STATUSES = ("joined", "finished", "failed")
+MAX_REPORT_VALUE = 128
+MAX_REJECTED_REASONS = 32
+
+
+@dataclass(frozen=True)
+class SiloReport:
+    """A silo's progress for the broker to record: ``fields`` for its Redis hash, ``rejected``
+    (reason -> count) for the run's rejected-frame counters."""
+
+    fields: dict = field(default_factory=dict)
+    rejected: dict = field(default_factory=dict)
+
+    def to_text(self) -> str:
+        return json.dumps({"fields": self.fields, "rejected": self.rejected}, sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_text(cls, text: str | None) -> SiloReport:
+        """ValueError unless it is exactly a report of known fields with bounded values."""
+        try:
+            doc = json.loads(text or "")
+        except json.JSONDecodeError:
+            raise ValueError("a silo report is JSON") from None
+        if not isinstance(doc, dict) or set(doc) - {"fields", "rejected"}:
+            raise ValueError("a silo report holds 'fields' and 'rejected' only")
+        fields, rejected = doc.get("fields", {}), doc.get("rejected", {})
+        if not isinstance(fields, dict) or not isinstance(rejected, dict):
+            raise ValueError("a silo report's fields and rejected are objects")
+        for name, value in fields.items():
+            kind = REPORT_FIELDS.get(name)
+            if kind is None or type(value) is not kind or len(str(value)) > MAX_REPORT_VALUE:
+                raise ValueError(f"silo report field {name!r}={value!r} is not allowed")
+        if fields.get("status", "joined") not in REPORT_STATUSES:
+            raise ValueError(f"silo report status {fields['status']!r}")
+        if len(rejected) > MAX_REJECTED_REASONS or not all(
+                isinstance(r, str) and 0 < len(r) <= 32 and type(n) is int and 0 < n < 2**31 for r, n in rejected.items()):
+            raise ValueError("silo report rejected counts: up to 32 reasons, each a short name and a count")
+        return cls(fields, rejected)

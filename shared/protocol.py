@@ -51,6 +51,9 @@ class Kind(enum.IntEnum):
     GENERATE_RESULT  trunk -> silo: hidden h2 float[B,T,H] of the same positions.
     GENERATE_END     silo -> trunk: no tensors; the generation is over, free its cache. Unsealed
                      (it carries no data; the broker only accepts it from the silo's connection).
+    PROGRESS         silo -> broker: no tensors; text = the silo's report (shared/control_text.py
+                     SiloReport: who it is at start, its latest step and loss, its status at the
+                     end, frames it rejected). The broker records it in Redis: silos reach no Redis.
 
     Client-batch mode:
     BUNDLE           broker -> trunk: seq = n; followed in the same multipart message by n
@@ -59,7 +62,9 @@ class Kind(enum.IntEnum):
     Rounds and aggregation (shared/secure_agg.py); seq carries the attempt number:
     AGG_JOIN         silo -> broker: the silo's steps of this round are done; seq = its sample
                      count (the FedAvg weight, public like the `samples` field in Redis).
-    AGG_START        broker -> silo: text = the participant ids, comma-separated; seq = attempt.
+    AGG_START        broker -> silo: text = the participant ids, comma-separated; seq = attempt;
+                     uint8[N], the participants' enrolled keys and certificates (shared/peer_keys.py),
+                     which the silo verifies against its pinned operator key before masking with them.
     AGG_UPLOAD       silo -> broker: int64[D+1], the masked weighted parameters and weight.
     AGG_RESULT       broker -> silo: int64[D+1], the sum of the attempt's uploads.
     ROUND_END        broker -> trunk (hierarchical mode): text = "worker,...;silo:weight,..."
@@ -109,6 +114,7 @@ class Kind(enum.IntEnum):
     GENERATE = 22
     GENERATE_RESULT = 23
     GENERATE_END = 24
+    PROGRESS = 25
 
 
 GENERATION_KINDS = frozenset({Kind.GENERATE, Kind.GENERATE_END})  # silo -> trunk, outside the scheduler

@@ -20,7 +20,8 @@ from shared.wire import Message, SplitMessage, message_from_wire, message_to_wir
 CLEAR_KINDS = frozenset({Kind.READY, Kind.HEARTBEAT, Kind.ERROR, Kind.DISCONNECT, Kind.HELLO, Kind.HELLO_ACK,
                          Kind.AGG_JOIN, Kind.AGG_START, Kind.AGG_UPLOAD, Kind.AGG_RESULT,
                          Kind.ROUND_END, Kind.TRUNK_SYNC, Kind.ROUND_DONE, Kind.ROUND_CLOSED,
-                         Kind.ROLLBACK, Kind.CHECKPOINTED, Kind.GENERATE_END})
+                         Kind.ROLLBACK, Kind.CHECKPOINTED, Kind.GENERATE_END,
+                         Kind.PROGRESS})  # PROGRESS: for the broker to record, as Redis would have
 KEEP_ROUNDS = 2  # sessions of the current and the previous round (late replies of the last round)
 
 

@@ -19,11 +19,11 @@ Mode = Literal["serial", "client-batch", "hierarchical"]
 Identifier = Annotated[str, AfterValidator(check_id)]
 
 
-class CommonSettings(BaseSettings):
+class PeerSettings(BaseSettings):
+    """What every role has. A silo has only these and its own: it reaches the broker, nothing else."""
+
     model_config = SettingsConfigDict(env_prefix="SPLITFED_", extra="forbid", validate_default=True)
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding run state and membership")
-    key_prefix: str = Field("splitfed", description="namespace of every Redis key this run writes")
     run_id: Identifier = Field("run", description="run identifier (1-16 chars A-Z a-z 0-9 _ . -)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log verbosity")
     log_json: bool = Field(False, description="one JSON object per log line (with silo, round, step fields)")
@@ -38,7 +38,20 @@ class CommonSettings(BaseSettings):
                                              "silo keys are taken from the directory only with its signed certificate")
 
 
-class ModelSettings(CommonSettings):
+class RedisAccess(BaseSettings):
+    """The run's Redis: the broker, the trunk workers and the operator's tools (never a silo)."""
+
+    model_config = SettingsConfigDict(env_prefix="SPLITFED_", extra="forbid", validate_default=True)
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding run state and membership")
+    key_prefix: str = Field("splitfed", description="namespace of every Redis key this run writes")
+
+
+class CommonSettings(RedisAccess, PeerSettings):
+    """A server-side role's or operator tool's settings: the peer settings and the run's Redis."""
+
+
+class ModelSettings(PeerSettings):
     """What is trained and how: must be identical on the silos and the trunk of one run."""
 
     model: str = Field("smollm2", description="'smollm2', 'gemma3' (Gemma 3 270M), 'qwen2.5-coder-0.5b', 'tiny' (a tiny Llama cached locally) or a model directory")
@@ -95,7 +108,7 @@ class BrokerSettings(CommonSettings):
                         "trunk workers the run is over), instead of serving until SIGTERM")
 
 
-class TrunkSettings(CryptoSettings):
+class TrunkSettings(RedisAccess, CryptoSettings):
     broker_backend: str = Field("tcp://127.0.0.1:5556", description="broker address for trunk workers")
     worker_id: Identifier = Field("trunk0", description="this worker's id")
     device: str = Field("cpu", description="torch device of the trunk ('cpu', 'cuda', 'cuda:1')")

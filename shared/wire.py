@@ -379,6 +379,9 @@ def check_schema(msg: Message) -> None:
     elif msg.kind == Kind.TRUNK_SYNC:
         if len(t) != 1 or t[0].dtype != torch.uint8 or t[0].dim() != 1 or t[0].numel() == 0:
             raise FrameError("schema", "TRUNK_SYNC carries one non-empty uint8 vector")
+    elif msg.kind == Kind.AGG_START and t:  # the participants' keys (shared/peer_keys.py)
+        if len(t) != 1 or t[0].dtype != torch.uint8 or t[0].dim() != 1 or t[0].numel() == 0:
+            raise FrameError("schema", "AGG_START carries at most one non-empty uint8 vector")
     elif msg.kind in kinds_with_hidden_only:
         if len(t) != 1:
             raise FrameError("schema", f"{msg.kind.name} carries 1 tensor, got {len(t)}")

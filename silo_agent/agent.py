@@ -7,18 +7,21 @@ One training step, top to bottom:
     h1.backward(dL/dh1), optimizer step
 
 Only h1, the 2-D mask, positions and dL/dh2 leave the silo; token ids, labels and loss never do
-(the loss goes to Redis for monitoring only when ``report_loss`` is on, published by the heartbeat
-thread, never from the step itself).
+(the loss goes to the broker for monitoring only when ``report_loss`` is on, in a PROGRESS report
+at most once a heartbeat period). A silo has one connection, to the broker: no Redis.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import signal
+import socket
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,7 +33,7 @@ from shared import keys as keystore
 from shared.atomic_files import atomic_path
 from shared.adapters import adapter_state_dict, apply_adapter, unique_parameters
 from shared.codec import PlainCodec
-from shared.control_text import PeerIntro
+from shared.control_text import PeerIntro, SiloReport
 from shared.cut_defense import CutDefenseConfig, protect_cut_with
 from shared.data import SiloDataset, load_jsonl
 from shared.handshake import make_hello
@@ -38,14 +41,13 @@ from shared.loss import causal_lm_loss
 from shared.metrics import RoleMetrics
 from shared.model_split import build_silo_parts, positions_from_mask
 from shared.optim import make_optimizer
+from shared.peer_keys import HandedKeys
 from shared.protocol import WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
 from shared.registration import sign_registration
-from shared.registry import Heartbeat, Registry
 from shared.run_config import ConfigMismatch, claim_line, config_digest, run_config
 from shared.sealed_codec import SealedCodec
 from shared.sealing import SealError
 from shared.settings import SiloSettings
-from shared.silo_directory import SiloDirectory
 from shared.step_timeline import StepTimeline
 from shared.tokenizer import load_tokenizer
 from shared.transport import client_socket
@@ -62,11 +64,12 @@ MAX_STEP_ATTEMPTS = 3
 
 
 class SiloAgent:
-    def __init__(self, settings: SiloSettings, registry: Registry, model_dir: Path) -> None:
+    def __init__(self, settings: SiloSettings, model_dir: Path) -> None:
         if settings.data is None:
             raise ValueError("a silo needs training data: --data FILE.jsonl (or SPLITFED_DATA)")
         self.settings = settings
-        self.registry = registry
+        self.rejected: Counter[str] = Counter()  # frames refused since the last report
+        self._reported_at = 0.0
         self.wire_dtype = WIRE_DTYPE_BY_NAME[settings.wire_dtype]
         tokenizer = load_tokenizer(model_dir)
         self.dataset = SiloDataset(
@@ -97,7 +100,7 @@ class SiloAgent:
         self.broker = BrokerLiveness(settings.heartbeat_s, settings.broker_timeout_s, settings.broker_frontend)
         self.aggregation = RoundAggregation(
             settings.silo_id, settings.run_id, trainable, self.dataset.num_examples,
-            SiloDirectory(registry, settings.operator_fingerprint),
+            HandedKeys(settings.run_id, settings.operator_fingerprint),
             self.keys.x25519 if isinstance(self.codec, SealedCodec) else None, self.send, self.await_match)
 
     def _make_codec(self, settings: SiloSettings):
@@ -147,9 +150,6 @@ class SiloAgent:
         """``between_steps(step)``: called after each step (`splitfed bench step` interleaves the
         centralized step there, so both are timed under the same machine load)."""
         s = self.settings
-        self.registry.join("silo", s.silo_id, samples=len(self.dataset), steps=s.steps)
-        heartbeat = Heartbeat(self.registry, "silo", s.silo_id, s.heartbeat_s, s.liveness_ttl_s,
-                              status_fn=self._progress_fields).start()
         signal.signal(signal.SIGTERM, self._on_sigterm)
         started = time.perf_counter()
         try:
@@ -164,6 +164,8 @@ class SiloAgent:
                     break
                 try:
                     loss = self.train_step(step)
+                    if time.monotonic() - self._reported_at >= s.heartbeat_s:
+                        self.report()
                     if (step + 1) % s.local_steps == 0 or step + 1 == s.steps:
                         self._end_round(step // s.local_steps)
                     if between_steps is not None:
@@ -185,13 +187,13 @@ class SiloAgent:
                 progress.close()
             if s.generate is not None and not self._stopping:  # split generation through the trunk
                 generate_live(self, round_no=(s.steps - 1) // s.local_steps)  # the last round's session
+            self.report(status="finished")  # with the last step, which no report may have carried yet
             self.send(Message(Kind.DISCONNECT, s.run_id, s.silo_id))
-            if fields := self._progress_fields():  # the last step, which the heartbeat may not have seen
-                self.registry.update("silo", s.silo_id, **fields)
-            self.registry.leave("silo", s.silo_id, status="finished")
+        except BaseException:
+            self.report(status="failed")
+            raise
         finally:
-            heartbeat.stop()
-            self.sock.close()
+            self.sock.close(linger=1000)  # the last report and DISCONNECT leave before we exit
         self._write_results(time.perf_counter() - started)
         return 0
 
@@ -246,6 +248,19 @@ class SiloAgent:
         log.info("resumed from the checkpoint of round %d: next step %d", rnd, first)
         return first
 
+    def report(self, **fields) -> None:
+        """PROGRESS to the broker, which records it in Redis: ``fields`` and the latest step, and the
+        frames refused since the last report. Best effort: monitoring never stops training."""
+        s = self.settings
+        report = SiloReport({**self._progress_fields(), **fields}, dict(self.rejected))
+        try:
+            self.send(Message(Kind.PROGRESS, s.run_id, s.silo_id, text=report.to_text()))
+        except zmq.ZMQError as exc:
+            log.warning("could not report progress to the broker: %s", exc)
+            return
+        self.rejected.clear()
+        self._reported_at = time.monotonic()
+
     def _progress_fields(self) -> dict:
         """The latest step for `splitfed status` and the demo (empty before the first step)."""
         done = [h for h in self.history if not h.get("skipped")]
@@ -282,6 +297,7 @@ class SiloAgent:
                 time.sleep(delay)
                 delay *= 2
         log.info("silo %s registered with the broker (%d examples)", s.silo_id, self.dataset.num_examples)
+        self.report(samples=len(self.dataset), steps=s.steps, pid=os.getpid(), host=socket.gethostname())
         return resume_round(ack.text)
 
     # ------------------------------------------------------------------ one training step
@@ -389,7 +405,7 @@ class SiloAgent:
             try:
                 msg = self.codec.decode([f.buffer for f in frames])
             except FrameError as exc:
-                self.registry.count_rejected(exc.reason)
+                self.rejected[exc.reason] += 1
                 self.metrics.rejected(exc.reason)
                 log.warning("rejected frame from the broker: %s", exc)
                 continue
@@ -400,7 +416,7 @@ class SiloAgent:
             if msg.kind == Kind.ERROR:
                 error = ErrorReason.from_text(msg.text)
                 if error.code == Reason.CONFIG_MISMATCH:  # the broker or the trunk: our settings differ
-                    raise ConfigMismatch(f"refused for a config mismatch: {error.detail}")
+                    raise ConfigMismatch(f"config mismatch with the run: {error.detail}")
                 if error.code == Reason.REGISTER:
                     raise Reregister(msg.text)
                 if error.code == Reason.IDENTITY_TAKEN:

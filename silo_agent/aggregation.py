@@ -20,20 +20,19 @@ import torch
 from shared import secure_agg
 from shared.control_text import AggStart
 from shared.protocol import Kind
-from shared.registry import retry_redis
-from shared.silo_directory import SiloDirectory
-from shared.wire import Message
+from shared.peer_keys import HandedKeys
+from shared.wire import FrameError, Message
 
 log = logging.getLogger("silo")
 
 class RoundAggregation:
     def __init__(self, silo_id: str, run_id: str, params: list[torch.nn.Parameter], weight: int,
-                 directory: SiloDirectory, x25519_key, send: Callable[[Message], None],
+                 peer_keys: HandedKeys, x25519_key, send: Callable[[Message], None],
                  await_msg: Callable[[Callable[[Message], bool], str], Message]) -> None:
         self.silo_id, self.run_id = silo_id, run_id
         self.params = params
         self.weight = weight
-        self.directory = directory  # peers' X25519 keys, as the operator's certificates vouch for them
+        self.peer_keys = peer_keys  # peers' X25519 keys, handed with AGG_START (verified when the operator is pinned)
         self.key = x25519_key  # None: no keys, uploads go unmasked
         self.send, self.await_msg = send, await_msg
         self._warned = False
@@ -49,6 +48,7 @@ class RoundAggregation:
         msg = self.await_msg(lambda m: m.kind in ends and m.round == rnd, f"the end of round {rnd}")
         while msg.kind == Kind.AGG_START:
             participants = list(AggStart.from_text(msg.text).participants)
+            self._take_peer_keys(msg)
             self.send(Message(Kind.AGG_UPLOAD, self.run_id, self.silo_id, rnd, seq=msg.seq,
                               tensors=[self._upload(rnd, msg.seq, participants)]))
             attempt = msg.seq
@@ -73,8 +73,16 @@ class RoundAggregation:
         return secure_agg.masked_upload(self.params, self.weight, self.silo_id, self.key, self._public_of,
                                         self.run_id, rnd, attempt, participants)
 
+    def _take_peer_keys(self, msg: Message) -> None:
+        if self.key is None:
+            return  # unmasked uploads use no peer key
+        try:
+            self.peer_keys.take(bytes(msg.tensors[0].numpy()) if msg.tensors else b"")
+        except FrameError as exc:  # a swapped key or a bad certificate: never mask towards it
+            raise secure_agg.SecureAggError(exc.reason, f"the participants' keys of round {msg.round}: {exc.detail}") from None
+
     def _public_of(self, silo: str) -> bytes:
-        enrolled = retry_redis(self.directory.lookup, silo)
-        if enrolled is None or enrolled.revoked:
+        public = self.peer_keys.keys.get(silo)
+        if public is None:
             raise secure_agg.SecureAggError("not_enrolled", f"participant {silo} is not enrolled in this run")
-        return enrolled.x25519_public
+        return public

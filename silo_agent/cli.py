@@ -8,11 +8,11 @@ import sys
 import click
 
 from shared import exit_codes
-from shared.cli_options import build_settings, open_registry, settings_options
+from shared.cli_options import build_settings, settings_options
 from shared.keys import KeyFileError
 from shared.logs import configure_logging
 from shared.models import resolve_model_dir
-from shared.run_config import ConfigMismatch, agree_with_run
+from shared.run_config import ConfigMismatch
 from shared.sealing import SealError
 from shared.settings import SiloSettings
 from silo_agent.agent import PeerError, SiloAgent
@@ -23,15 +23,11 @@ log = logging.getLogger("silo")
 @click.command("silo")
 @settings_options(SiloSettings)
 def silo(**options: object) -> None:
-    """Train on this silo's private data through the split pipeline."""
+    """Train on this silo's private data through the split pipeline (one connection: the broker's)."""
     settings = build_settings(SiloSettings, options)
     configure_logging(settings.log_level, f"silo[{settings.silo_id}]", settings.log_json)
-    registry = open_registry(settings, log)
     try:
-        agree_with_run(registry, settings, "silo", record=False)  # before the model loads: fails in seconds
-        model_dir = resolve_model_dir(settings.model)
-        agent = SiloAgent(settings, registry, model_dir)
-        agree_with_run(registry, settings, "silo")  # it starts: its fields become the run's where none are yet
+        agent = SiloAgent(settings, resolve_model_dir(settings.model))
     except (FileNotFoundError, ValueError, KeyFileError) as exc:
         log.error("%s", exc)
         sys.exit(exit_codes.CONFIG)
@@ -39,13 +35,10 @@ def silo(**options: object) -> None:
         sys.exit(agent.run())
     except ConfigMismatch as exc:  # the broker or the trunk refused our READY or HELLO
         log.error("%s", exc)
-        registry.leave("silo", settings.silo_id, status="failed")
         sys.exit(exit_codes.CONFIG)
     except SealError as exc:  # e.g. the trunk's key is not the one pinned in our settings
         log.error("refusing to train: %s", exc)
-        registry.leave("silo", settings.silo_id, status="failed")
         sys.exit(exit_codes.CONFIG if exc.reason in ("fingerprint_mismatch", "bad_ack") else exit_codes.PEER)
     except PeerError as exc:
         log.error("%s", exc)
-        registry.leave("silo", settings.silo_id, status="failed")
         sys.exit(exit_codes.PEER)

@@ -271,9 +271,7 @@ class SiloDriver:
                               batch_size=c.cfg.batch_size, max_length=c.cfg.max_length,
                               step_timeout_s=c.cfg.step_timeout_s, keys_dir=c.tmp / "keys" / self.silo_id,
                               trunk_fingerprint=c.trunk_keys.fingerprint, checkpoint_dir=c.tmp / "checkpoints")
-        registry = c.registry_for()
-        agree_with_run(registry, settings, "silo")
-        agent = SiloAgent(settings, registry, c.model_dir)
+        agent = SiloAgent(settings, c.model_dir)
         decode = agent.codec.decode
 
         def watched(frames):  # observe what the agent is told (it decides what to do with it)

@@ -26,8 +26,8 @@ def test_invalid_setting_from_environment_is_reported_too():
 
 
 def test_missing_data_file_is_a_config_error(redis_prefix, tmp_path):
-    proc = run_cli("silo", "--model", "tiny", "--data", str(tmp_path / "missing.jsonl"), "--key-prefix", redis_prefix,
-                   env={"SPLITFED_CACHE_DIR": str(tmp_path / "cache")})
+    proc = run_cli("silo", "--model", "tiny", "--data", str(tmp_path / "missing.jsonl"),
+                   env={"SPLITFED_CACHE_DIR": str(tmp_path / "cache")})  # a silo has no Redis options
     assert proc.returncode == 4, proc.stderr
     assert "missing.jsonl" in proc.stderr and "Traceback" not in proc.stderr
 

@@ -71,8 +71,7 @@ def test_each_door_refuses_a_silo_whose_config_differs_and_the_servers_stay_up(r
                       tmp_path / "trunk.log")]
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.IDENTITY, b"silo0")
-    sock.connect(front)
+    sock.setsockopt(zmq.IDENTITY, b"silo0")  # connected after the whole silo of step 1 (one id, one connection)
 
     def send(kind: Kind, tensor: bytes, text: str, rnd: int = 0) -> Message:
         t = torch.frombuffer(bytearray(tensor), dtype=torch.uint8)
@@ -89,10 +88,12 @@ def test_each_door_refuses_a_silo_whose_config_differs_and_the_servers_stay_up(r
             assert time.monotonic() < deadline and all(p.poll() is None for p in servers), "a role died at start"
             time.sleep(0.2)
 
-        # 1. at start, against the run's reference in Redis: exit 4 before any model is loaded
+        # 1. a whole silo: the broker refuses its READY against the run's reference (a silo reaches no Redis)
+        data = tmp_path / "silo0.jsonl"
+        data.write_text('{"text": "a few words"}\n' * 4)
         started = time.monotonic()
         silo = subprocess.run([sys.executable, "-m", "splitfed", "silo", "--broker-frontend", front, "--silo-id", "silo0",
-                               "--head-layers", "2", "--keys-dir", str(tmp_path / "silo-keys"),
+                               "--head-layers", "2", "--keys-dir", str(tmp_path / "silo-keys"), "--data", str(data),
                                "--trunk-fingerprint", trunk_keys.fingerprint], env=env, capture_output=True, text=True,
                               timeout=120)
         assert silo.returncode == 4, silo.stderr
@@ -100,6 +101,7 @@ def test_each_door_refuses_a_silo_whose_config_differs_and_the_servers_stay_up(r
         assert time.monotonic() - started < 60
 
         # 2. READY: the broker compares the claimed fields with the run's
+        sock.connect(front)
         good, wrong = run_config(SiloSettings(model="tiny")), run_config(SiloSettings(model="tiny", head_layers=2))
         reply = send(Kind.READY, sign_registration(silo_keys, RUN, "silo0"), f"incarnation=1\n{claim_line(wrong)}")
         assert (reply.kind, reply.text) == (Kind.ERROR, "config_mismatch: head_layers: run=1, this silo=2")
@@ -155,7 +157,7 @@ def test_a_role_the_broker_refuses_at_ready_exits_with_the_config_code(redis_pre
                                "--keys-dir", str(tmp_path / "silo-keys"), "--trunk-fingerprint", trunk_keys.fingerprint],
                               env=env, capture_output=True, text=True, timeout=120)
         assert silo.returncode == 4, silo.stderr[-3000:]
-        assert "refused for a config mismatch: encryption: run=false, this silo=true" in silo.stderr
+        assert "config mismatch with the run: encryption: run=false, this silo=true" in silo.stderr
         assert thread.is_alive()
     finally:
         broker.stop()

@@ -60,3 +60,17 @@ def test_agg_start_round_trips(participants):
     start = AggStart(tuple(participants))
     assert AggStart.from_text(start.to_text()) == start
     assert AggStart.from_text(None) == AggStart(())
+
+
+def test_a_silo_report_round_trips_and_nothing_else_gets_in():
+    from shared.control_text import SiloReport
+
+    report = SiloReport({"round": 1, "step": 7, "loss": "2.500000", "pid": 42, "host": "h", "status": "finished"},
+                        {"bad_tag": 3})
+    assert SiloReport.from_text(report.to_text()) == report
+    for bad in ("", "[]", "{\"fields\": {\"role\": \"trunk\"}}", "{\"fields\": {\"step\": \"7\"}}",
+                "{\"fields\": {\"status\": \"revoked\"}}", "{\"fields\": {\"host\": \"" + "x" * 200 + "\"}}",
+                "{\"rejected\": {\"x\": -1}}", "{\"fields\": {}, \"extra\": 1}",
+                "{\"rejected\": {" + ",".join(f"\"r{i}\": 1" for i in range(33)) + "}}"):
+        with pytest.raises(ValueError):
+            SiloReport.from_text(bad)

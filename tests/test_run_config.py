@@ -187,8 +187,15 @@ def test_the_broker_refuses_a_peer_whose_config_differs(registry):
 # ---------------------------------------------------------------- each role's CLI checks at start
 
 
+def test_a_silo_has_no_redis_settings_and_leaves_the_check_to_the_broker():
+    """A silo reaches only the broker (its READY claim is checked there, tests/test_config_agreement_processes.py)."""
+    assert not {"redis_url", "key_prefix"} & set(SiloSettings.model_fields)
+    assert {"redis_url", "key_prefix"} <= set(TrunkSettings.model_fields) & set(BrokerSettings.model_fields)
+    proc = run_cli("silo", "--help")
+    assert proc.returncode == 0 and "--broker-frontend" in proc.stdout and "--redis-url" not in proc.stdout
+
+
 @pytest.mark.parametrize("role,args,expected", [
-    ("silo", ["--model", "tiny", "--head-layers", "2"], "head_layers: run=1, this silo=2"),
     ("trunk", ["--model", "tiny", "--head-layers", "2", "--tail-layers", "3"],
      "head_layers: run=1, this trunk=2; tail_layers: run=1, this trunk=3"),
     ("broker", ["--mode", "client-batch", "--silos", "silo0"], 'mode: run="serial", this broker="client-batch"'),

@@ -100,13 +100,13 @@ def run_pair(model: str, wire_dtype: str, batch_size: int, max_length: int, adap
         front = launch_servers(fed, cfg, tuple(free_ports(2)), keys_env, run_dir)
         model_dir = resolve_model_dir(model)
         silo_settings = SiloSettings(
-            redis_url=url, key_prefix=prefix, run_id=run_id, model=model, adapter=adapter,
+            run_id=run_id, model=model, adapter=adapter,
             wire_dtype=wire_dtype, micro_batches=micro_batches, broker_frontend=front, silo_id="silo0",
             data=data[0], steps=total, local_steps=total, batch_size=batch_size, max_length=max_length,
             keys_dir=Path(keys_env["silo0"]["SPLITFED_KEYS_DIR"]),
             trunk_fingerprint=keys_env["silo0"]["SPLITFED_TRUNK_FINGERPRINT"], report_loss=False)
         centralized = CentralizedStep(model_dir, silo_settings, data[0], batch_size, max_length, micro_batches)
-        agent = SiloAgent(silo_settings, registry, model_dir)
+        agent = SiloAgent(silo_settings, model_dir)
         click.echo(f"[bench step] {model}, wire {wire_dtype}, {micro_batches} micro-batch(es): "
                    f"{warmup} warm-up + {steps} timed steps, each split step followed by a centralized one", err=True)
         agent.run(between_steps=centralized)
