@@ -9,7 +9,7 @@ import click
 
 from broker.broker import Broker
 from shared import exit_codes
-from shared.cli_options import build_settings, open_registry, settings_options
+from shared.cli_options import build_settings, open_registry, redis_permissions, settings_options
 from shared.logs import configure_logging
 from shared.run_config import ConfigMismatch, agree_with_run
 from shared.settings import BrokerSettings
@@ -25,6 +25,11 @@ def broker(**options: object) -> None:
     settings = build_settings(BrokerSettings, options)
     configure_logging(settings.log_level, "broker", settings.log_json)
     registry = open_registry(settings, log)
+    with redis_permissions("broker", log):
+        _serve(settings, registry)
+
+
+def _serve(settings: BrokerSettings, registry) -> None:
     try:
         agree_with_run(registry, settings, "broker")  # mode and encryption
     except ConfigMismatch as exc:

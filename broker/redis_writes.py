@@ -16,6 +16,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from redis import RedisError
+from redis.exceptions import NoPermissionError
 
 from shared.registry import Registry
 
@@ -83,6 +84,8 @@ class RedisWrites:
                 what, fn, args = self._calls[0]
             try:
                 fn(*args)
+            except NoPermissionError as exc:  # no retry makes it allowed: say so, drop that write
+                log.error("Redis write %r refused: the broker's Redis user lacks a permission (%s)", what, exc)
             except RedisError:
                 raise  # the call stays first in line
             except Exception:  # a bug must not kill the writer: say so, drop that write

@@ -6,6 +6,7 @@ falls back to the ``SPLITFED_*`` environment variable and then to the field defa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import typing
@@ -71,3 +72,19 @@ def open_registry(settings: Any, log: logging.Logger):
         log.error("%s", exc)
         sys.exit(exit_codes.REDIS_UNAVAILABLE)
     return registry
+
+
+@contextlib.contextmanager
+def redis_permissions(role: str, log: logging.Logger):
+    """Exit with REDIS_UNAVAILABLE and say which permission is missing, instead of a traceback,
+    when this role's Redis ACL user may not run a command the role needs (ops/redis/users.acl)."""
+    from redis.exceptions import NoPermissionError
+
+    from shared import exit_codes
+
+    try:
+        yield
+    except NoPermissionError as exc:
+        log.error("the Redis user of this %s lacks a permission it needs: %s (`splitfed redis-acl` writes "
+                  "the users each role needs)", role, exc)
+        sys.exit(exit_codes.REDIS_UNAVAILABLE)

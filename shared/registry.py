@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from shared.redis_acl import shown_url
 from shared.run_config import canonical_json, config_digest, read_reference
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Registry:
         try:
             self.redis.ping()
         except redis.RedisError as exc:
-            raise RegistryError(f"Redis at {self.url} does not answer: {exc}") from exc
+            raise RegistryError(f"Redis at {shown_url(self.url)} does not answer: {exc}") from exc
 
     # ------------------------------------------------------------------ run
     def create_run(self, meta: Mapping[str, Any]) -> None:

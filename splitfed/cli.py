@@ -23,6 +23,7 @@ COMMANDS = {
     "keys": ("splitfed.keys_command", "keys", "Keys of silos and the trunk service; the run's allow-list."),
     "bench": ("splitfed.bench.command", "bench", "Benchmarks with JSON output."),
     "status": ("splitfed.status_command", "status", "Live table of a run (or the list of runs) from Redis."),
+    "redis-acl": ("splitfed.redis_acl_command", "redis_acl_command", "Redis ACL users for the server roles, and their URLs."),
     "plot": ("splitfed.plot_command", "plot", "Plot loss per silo (and the centralized reference) from a demo JSON."),
     "audit": ("splitfed.audit.command", "audit", "Privacy audit: inversion attacks on the cut activations, and defenses."),
     "eval": ("splitfed.eval_command", "eval_command", "Task metrics of a base, split-trained or exported model on a JSONL."),

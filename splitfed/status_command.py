@@ -23,6 +23,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared import exit_codes
+from shared.redis_acl import shown_url
 from shared.cli_options import build_settings, settings_options
 from shared.registry import Registry
 
@@ -246,7 +247,7 @@ def status(run: str | None, watch: bool, interval: float, as_json: bool, **optio
         try:
             click.echo(once())
         except redis.RedisError as exc:
-            click.echo(f"Error: Redis at {settings.redis_url} does not answer: {exc}", err=True)
+            click.echo(f"Error: Redis at {shown_url(settings.redis_url)} does not answer: {exc}", err=True)
             sys.exit(exit_codes.REDIS_UNAVAILABLE)
         return
     try:

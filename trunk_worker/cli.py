@@ -8,7 +8,7 @@ import sys
 import click
 
 from shared import exit_codes
-from shared.cli_options import build_settings, open_registry, settings_options
+from shared.cli_options import build_settings, open_registry, redis_permissions, settings_options
 from shared.keys import KeyFileError, KeyStoreError
 from shared.logs import configure_logging
 from shared.models import resolve_model_dir
@@ -26,6 +26,11 @@ def trunk(**options: object) -> None:
     settings = build_settings(TrunkSettings, options)
     configure_logging(settings.log_level, f"trunk[{settings.worker_id}]", settings.log_json)
     registry = open_registry(settings, log)
+    with redis_permissions("trunk worker", log):
+        _serve(settings, registry)
+
+
+def _serve(settings: TrunkSettings, registry) -> None:
     try:
         agree_with_run(registry, settings, "trunk", record=False)  # before the model loads: fails in seconds
         model_dir = resolve_model_dir(settings.model)

@@ -14,7 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
 import redis
+
+from shared.redis_acl import shown_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -85,7 +88,7 @@ def find_or_start_redis(private_persistent: bool = False) -> tuple[str, PrivateR
     url = os.environ.get("SPLITFED_REDIS_URL")
     if url and not private_persistent:
         if not _answers(url):
-            raise RuntimeError(f"SPLITFED_REDIS_URL={url} does not answer")
+            raise click.ClickException(f"SPLITFED_REDIS_URL={shown_url(url)} does not answer")
         return url, None
     if not private_persistent and _answers(DEFAULT_URL):
         return DEFAULT_URL, None

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from redis import RedisError
 
+from shared.redis_acl import shown_url
 from shared.registry import Registry
 from shared.run_config import meta_fields
 from splitfed.demo.faults import FaultInjector, armed_env, parse_kills
@@ -54,7 +55,7 @@ def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: flo
     registry.create_run({"mode": cfg.mode, "silos": ",".join(cfg.silo_ids), "steps": cfg.steps,
                          "local_steps": cfg.local_steps, "model": cfg.model, "adapter": cfg.adapter, "status": "running",
                          **meta_fields(cfg.run_config())})  # the reference every role's settings must agree with
-    click.echo(f"run {run_id}: Redis {url}, logs in {run_dir / 'logs'}", err=True)
+    click.echo(f"run {run_id}: Redis {shown_url(url)}, logs in {run_dir / 'logs'}", err=True)
     fed = Federation(run_dir / "logs", {"SPLITFED_REDIS_URL": url, "SPLITFED_RUN_ID": run_id,
                                          "SPLITFED_KEY_PREFIX": key_prefix, **cfg.model_env()})
     status, not_exited = "failed", []
