@@ -27,7 +27,7 @@ from shared.wire import Message, message_to_wire
 from splitfed.demo.faults import latest_step
 from splitfed.demo.federation_run import DemoConfig, launch, make_throwaway_keys, write_silo_data
 from splitfed.demo.processes import Federation
-from splitfed.demo.redis_server import PrivateRedis, _redis_binary
+from splitfed.demo.redis_server import PrivateRedis, redis_binary
 from splitfed.demo.runner import free_ports
 from tests.conftest import REDIS_URL
 
@@ -87,7 +87,7 @@ def test_a_silo_notices_a_dead_broker_within_a_few_heartbeats(tmp_path, redis_pr
 
 
 def test_garbage_flood_with_redis_paused_does_not_stall_an_honest_silo(tmp_path):
-    binary = _redis_binary()
+    binary = redis_binary()
     if binary is None:
         pytest.skip("no redis-server binary for a private Redis that this test may pause")
     private = PrivateRedis(binary)

@@ -60,6 +60,9 @@ from splitfed.demo.weights_check import WeightsMismatch, load_run_weights, max_a
 @click.option("--role-env", "role_env", multiple=True, metavar="ROLE:SPLITFED_NAME=VALUE",
               help="extra environment for one role only (broker, trunk or siloN), e.g. silo1:SPLITFED_HEAD_LAYERS=2 "
                    "to see a role whose settings differ from the run's refused (repeatable)")
+@click.option("--hosts", type=click.Choice(["local", "netns"]), default="local", show_default=True,
+              help="netns: the server side (Redis, broker, trunk) and each silo on a network namespace of its "
+                   "own, each silo linked to the server only, reaching only the broker's port (needs root)")
 @click.option("--check-centralized", is_flag=True,
               help="also train in one process without network and compare losses and final weights")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="write the run's results here")

@@ -47,6 +47,7 @@ class DemoConfig:
     cut_noise_sigma: float = 0.0
     kills: tuple[str, ...] = ()
     role_env: tuple[str, ...] = ()  # "ROLE:SPLITFED_NAME=VALUE": one role's own extra environment
+    hosts: str = "local"  # "netns": the server side and each silo on a host (network namespace) of its own
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def model_env(self) -> dict[str, str]:
@@ -149,9 +150,12 @@ def make_curve_certificates(run_dir: Path, cfg: DemoConfig) -> dict[str, dict[st
 
 
 def launch(fed, cfg: DemoConfig, ports: tuple[int, int], data: list[Path], run_dir: Path,
-           keys_env: dict[str, dict[str, str]]) -> None:
-    front = launch_servers(fed, cfg, ports, keys_env, run_dir)
+           keys_env: dict[str, dict[str, str]], hosts=None) -> None:
+    """``hosts``: a NetnsHosts (splitfed/demo/netns.py) to run each role on its own host, or None."""
+    front = launch_servers(fed, cfg, ports, keys_env, run_dir, hosts)
     for i, sid in enumerate(cfg.silo_ids):
+        if hosts is not None:  # the broker as this silo's host reaches it: over its own link
+            front = f"tcp://{hosts.server_address_for(sid)}:{ports[0]}"
         fed.start(sid, ["silo", "--broker-frontend", front, "--silo-id", sid, "--silo-index", str(i),
                         "--data", str(data[i]), "--steps", str(cfg.steps), "--local-steps", str(cfg.local_steps),
                         "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length),
@@ -159,23 +163,26 @@ def launch(fed, cfg: DemoConfig, ports: tuple[int, int], data: list[Path], run_d
                         "--results", str(run_dir / "results" / f"{sid}.json"),
                         "--save-dir", str(run_dir / "weights"), "--cut-noise-sigma", repr(cfg.cut_noise_sigma),
                         *(["--cut-clip-norm", repr(cfg.cut_clip_norm)] if cfg.cut_clip_norm else [])],
-                  env=keys_env.get(sid))
+                  env=keys_env.get(sid), prefix=tuple(hosts.prefix(sid)) if hosts is not None else ())
 
 
 def launch_servers(fed, cfg: DemoConfig, ports: tuple[int, int], keys_env: dict[str, dict[str, str]],
-                   run_dir: Path) -> str:
+                   run_dir: Path, hosts=None) -> str:
     """The broker and the trunk workers; returns the address silos connect to."""
     front, back = (f"tcp://127.0.0.1:{p}" for p in ports)
-    fed.start("broker", ["broker", "--frontend-bind", front, "--backend-bind", back, "--mode", cfg.mode,
+    server = tuple(hosts.prefix("server")) if hosts is not None else ()
+    bind = f"tcp://0.0.0.0:{ports[0]}" if hosts is not None else front  # every silo link of the server host
+    fed.start("broker", ["broker", "--frontend-bind", bind, "--backend-bind", back, "--mode", cfg.mode,
                          "--silos", ",".join(cfg.silo_ids), "--batch-window-ms", str(cfg.batch_window_ms),
                          "--aggregation", cfg.aggregation, "--max-inflight", str(cfg.max_inflight),
-                         "--personalize", str(cfg.personalize).lower(), "--burst", "true"], env=keys_env.get("broker"))
+                         "--personalize", str(cfg.personalize).lower(), "--burst", "true"], env=keys_env.get("broker"),
+              prefix=server)
     for wid in cfg.worker_ids:
         fed.start(wid, ["trunk", "--broker-backend", back, "--worker-id", wid, "--mode", cfg.mode,
                         "--checkpoint-dir", str(run_dir / "checkpoints"), "--save-dir", str(run_dir / "weights"),
                         "--recompute-forward", str(cfg.recompute_forward).lower(), "--trunk-quant", cfg.trunk_quant,
                         "--burst", "true"],
-                  env=keys_env.get("trunk"))
+                  env=keys_env.get("trunk"), prefix=server)
     return front
 
 

@@ -34,6 +34,7 @@ class Role:
     args: list[str]
     env: dict[str, str] | None
     restarts: int = 0
+    prefix: tuple[str, ...] = ()  # e.g. `ip netns exec NS`: the host it runs on
 
 
 class Federation:
@@ -43,16 +44,17 @@ class Federation:
         self.roles: dict[str, Role] = {}
         log_dir.mkdir(parents=True, exist_ok=True)
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Role:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()) -> Role:
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "splitfed", *args],
+                [*prefix, sys.executable, "-m", "splitfed", *args],
                 env={**os.environ, **self.env, **(env or {})},
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=_die_with_parent,
             )
-        role = Role(name, proc, log_path, list(args), env, self.roles[name].restarts if name in self.roles else 0)
+        role = Role(name, proc, log_path, list(args), env, self.roles[name].restarts if name in self.roles else 0,
+                    tuple(prefix))
         self.roles[name] = role
         return role
 
@@ -65,7 +67,7 @@ class Federation:
     def restart(self, name: str) -> Role:
         """Start a role again with its original command line, as a supervisor would."""
         old = self.roles[name]
-        role = self.start(name, old.args, old.env)
+        role = self.start(name, old.args, old.env, old.prefix)
         role.restarts = old.restarts + 1
         return role
 

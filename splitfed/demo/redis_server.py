@@ -71,7 +71,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _redis_binary() -> str | None:
+def redis_binary() -> str | None:
     found = shutil.which("redis-server")
     if found:
         return found
@@ -92,7 +92,7 @@ def find_or_start_redis(private_persistent: bool = False) -> tuple[str, PrivateR
         return url, None
     if not private_persistent and _answers(DEFAULT_URL):
         return DEFAULT_URL, None
-    binary = _redis_binary()
+    binary = redis_binary()
     if binary is None:
         raise RuntimeError("no Redis answers at 127.0.0.1:6379 and no redis-server binary was found: "
                            "install redis-server (apt-get install redis-server) or set SPLITFED_REDIS_URL")

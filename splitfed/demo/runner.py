@@ -26,7 +26,8 @@ from splitfed.demo.federation_run import (
     write_silo_data,
 )
 from splitfed.demo.processes import Federation
-from splitfed.demo.redis_server import find_or_start_redis
+from splitfed.demo.netns import NetnsHosts, NetnsUnavailable
+from splitfed.demo.redis_server import find_or_start_redis, redis_binary
 
 
 class RoleFailed(click.ClickException):
@@ -46,10 +47,27 @@ def free_ports(n: int) -> list[int]:
 
 def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: float | None = None
                    ) -> tuple[dict, list[dict]]:
-    """Start Redis (if needed), the broker, the trunk workers and the silos; wait; return (result, rows)."""
+    """Start Redis (if needed), the broker, the trunk workers and the silos; wait; return (result, rows).
+    With ``cfg.hosts == "netns"`` the server side and each silo run in network namespaces of their own."""
+    if cfg.hosts != "netns":
+        return _run_federation(cfg, run_dir, key_prefix, started, None)
+    try:
+        with NetnsHosts(cfg.silo_ids) as hosts:
+            return _run_federation(cfg, run_dir, key_prefix, started, hosts)
+    except NetnsUnavailable as exc:
+        raise click.ClickException(f"--hosts netns: {exc} (it needs root or CAP_NET_ADMIN)") from None
+
+
+def _run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: float | None,
+                    hosts: NetnsHosts | None) -> tuple[dict, list[dict]]:
     started = time.perf_counter() if started is None else started
     faults = parse_kills(cfg.kills, cfg.silo_ids, cfg.worker_ids)
-    url, private_redis = find_or_start_redis(private_persistent=any(f.role == "redis" for f in faults))
+    if hosts is not None:  # Redis on the server host, where the silos cannot reach it
+        if any(f.role == "redis" for f in faults):
+            raise click.UsageError("--kill redis@... is not supported with --hosts netns")
+        url, private_redis = hosts.start_redis(redis_binary() or "redis-server", run_dir), None
+    else:
+        url, private_redis = find_or_start_redis(private_persistent=any(f.role == "redis" for f in faults))
     run_id = new_run_id()
     registry = Registry(url, key_prefix, run_id)
     registry.create_run({"mode": cfg.mode, "silos": ",".join(cfg.silo_ids), "steps": cfg.steps,
@@ -65,7 +83,7 @@ def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: flo
         for role, extra in [*make_curve_certificates(run_dir, cfg).items(), *armed_env(faults).items(),
                             *cfg.role_envs().items()]:
             keys_env[role] = {**keys_env.get(role, {}), **extra}
-        launch(fed, cfg, tuple(free_ports(2)), data, run_dir, keys_env)
+        launch(fed, cfg, tuple(free_ports(2)), data, run_dir, keys_env, hosts)
         not_exited = supervise(fed, cfg, registry, FaultInjector(faults, fed, private_redis, cfg.silo_ids))
         status = "finished"
     except KeyboardInterrupt:

@@ -1,0 +1,120 @@
+"""Hosts on one machine: a network namespace for the server side and one per silo (`demo --hosts netns`).
+
+    operator (this process) --veth-- server ns: Redis, broker, trunk workers
+                                        |--veth-- silo0 ns
+                                        |--veth-- silo1 ns ...
+
+Each silo's namespace has one link, to the server's, and no route anywhere else; Redis listens on
+the server's loopback and its operator link only, so a silo can reach the broker's frontend and
+nothing of Redis (what a hospital firewall allows: one outbound port). Made with `ip netns` and
+veth pairs (root, or CAP_NET_ADMIN), removed on exit whatever happens.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+
+class NetnsUnavailable(RuntimeError):
+    """Namespaces cannot be made here (not root, no `ip`, no kernel support)."""
+
+
+def _ip(*args: str) -> None:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise NetnsUnavailable(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
+
+
+class NetnsHosts:
+    def __init__(self, silo_ids: list[str]) -> None:
+        self.tag = secrets.token_hex(3)
+        self.net = random.randint(200, 250)  # 10.<net>.0.0/16: one per federation, parallel runs apart
+        self.server = f"sf{self.tag}-srv"
+        self.silo_ns = {sid: f"sf{self.tag}-s{i}" for i, sid in enumerate(silo_ids)}
+        self.silo_index = {sid: i for i, sid in enumerate(silo_ids)}
+        self.redis: subprocess.Popen | None = None
+        self._made: list[str] = []
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def operator_link(self) -> str:
+        """The server's address on the operator's link (Redis listens here and on its loopback)."""
+        return f"10.{self.net}.0.2"
+
+    def server_address_for(self, silo_id: str) -> str:
+        """The server's address on ``silo_id``'s link: where that silo reaches the broker."""
+        return f"10.{self.net}.{self.silo_index[silo_id] + 1}.1"
+
+    def prefix(self, role: str) -> list[str]:
+        """The command prefix that runs a role on its host (the server's unless a silo)."""
+        return ["ip", "netns", "exec", self.silo_ns.get(role, self.server)]
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> NetnsHosts:
+        if shutil.which("ip") is None:
+            raise NetnsUnavailable("no `ip` command (iproute2)")
+        try:
+            self._add_ns(self.server)
+            self._link(None, "10.{}.0.1", self.server, self.operator_link, "o")
+            for sid, ns in self.silo_ns.items():
+                self._add_ns(ns)
+                i = self.silo_index[sid] + 1
+                self._link(self.server, self.server_address_for(sid), ns, f"10.{self.net}.{i}.2", f"s{i}")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _add_ns(self, ns: str) -> None:
+        _ip("netns", "add", ns)
+        self._made.append(ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+
+    def _link(self, a_ns: str | None, a_addr: str, b_ns: str, b_addr: str, name: str) -> None:
+        """A veth pair: end a in ``a_ns`` (None: this process's namespace), end b in ``b_ns``; one /24 each."""
+        a_addr = a_addr.format(self.net)
+        a, b = f"sf{self.tag}{name}a", f"sf{self.tag}{name}b"
+        _ip("link", "add", a, "type", "veth", "peer", "name", b)
+        _ip("link", "set", b, "netns", b_ns)
+        if a_ns is not None:
+            _ip("link", "set", a, "netns", a_ns)
+        where = ["-n", a_ns] if a_ns is not None else []
+        _ip(*where, "addr", "add", f"{a_addr}/24", "dev", a)
+        _ip(*where, "link", "set", a, "up")
+        _ip("-n", b_ns, "addr", "add", f"{b_addr}/24", "dev", b)
+        _ip("-n", b_ns, "link", "set", b, "up")
+
+    def start_redis(self, binary: str, directory: Path, port: int = 6379) -> str:
+        """A private Redis on the server host; returns its URL (for the operator and the servers)."""
+        self.redis = subprocess.Popen(
+            [*self.prefix("server"), binary, "--bind", "127.0.0.1", self.operator_link, "--port", str(port),
+             "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", str(directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        url = f"redis://{self.operator_link}:{port}/0"
+        import redis  # the demo's own client (this module is imported before Redis is needed)
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                redis.Redis.from_url(url, socket_connect_timeout=0.5).ping()
+                return url
+            except redis.RedisError:
+                if self.redis.poll() is not None or time.monotonic() > deadline:
+                    raise NetnsUnavailable("the server namespace's redis-server did not start") from None
+                time.sleep(0.1)
+
+    def __exit__(self, *_: object) -> None:
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.terminate()
+            try:
+                self.redis.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.redis.kill()
+        for ns in reversed(self._made):  # a namespace's veth ends (and their peers) go with it
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self._made.clear()
