@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import sys
 import time
@@ -34,15 +35,27 @@ class RoleFailed(click.ClickException):
     exit_code = 1
 
 
+# Below Linux's ephemeral range (32768-60999): the kernel never hands these out to outgoing
+# connections, so a port found free here stays free until the broker binds it seconds later
+# (a port the kernel picked, then released, is soon some client connection's local port).
+PORT_RANGE = (20000, 32000)
+
+
 def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` distinct ports that were free a moment ago, drawn at random below the ephemeral range."""
+    chosen: list[int] = []
+    rng = random.SystemRandom()
+    while len(chosen) < n:
+        port = rng.randrange(*PORT_RANGE)
+        if port in chosen:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use: draw again
+        chosen.append(port)
+    return chosen
 
 
 def run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: float | None = None
