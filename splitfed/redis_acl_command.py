@@ -17,7 +17,9 @@ from shared.atomic_files import write_bytes_atomic
 @click.option("--host", default="127.0.0.1", show_default=True, help="the Redis host, as the roles reach it")
 @click.option("--port", default=6379, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--tls", is_flag=True, help="rediss:// URLs (Redis with tls-port)")
-def redis_acl_command(out_dir: Path, key_prefix: str, host: str, port: int, tls: bool) -> None:
+@click.option("--tls-ca", type=click.Path(path_type=Path, dir_okay=False),
+              help="with --tls: the CA file the roles verify Redis's certificate with (a private CA)")
+def redis_acl_command(out_dir: Path, key_prefix: str, host: str, port: int, tls: bool, tls_ca: Path | None) -> None:
     """Write an ACL file with one user per server role (broker, trunk, operator), each limited to the
     key prefix and the commands it needs, random passwords, and each role's SPLITFED_REDIS_URL.
     Silos get none: they reach only the broker. Nothing secret is printed."""
@@ -30,6 +32,8 @@ def redis_acl_command(out_dir: Path, key_prefix: str, host: str, port: int, tls:
     write_bytes_atomic(out_dir / "users.acl", text.encode(), mode=0o600)
     for role in redis_acl.ROLES:
         url = redis_acl.role_url(role, passwords[role], host, port, tls)
+        if tls and tls_ca is not None:
+            url += f"?ssl_ca_certs={tls_ca}"
         write_bytes_atomic(out_dir / f"{role}.redis.env", f"SPLITFED_REDIS_URL={url}\n".encode(), mode=0o600)
     click.echo(f"wrote {out_dir / 'users.acl'} (Redis: `aclfile {out_dir / 'users.acl'}`, then restart) and "
                f"{', '.join(f'{r}.redis.env' for r in redis_acl.ROLES)} (each role's EnvironmentFile)")

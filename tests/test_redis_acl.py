@@ -126,3 +126,65 @@ def test_the_shipped_acl_file_is_the_generators_and_the_command_writes_private_f
     assert broker_env.split(":")[2].split("@")[0] not in out.output  # no secret printed
     with pytest.raises(ValueError):
         redis_acl.acl_text("bad prefix*", {r: "x" for r in redis_acl.ROLES})
+
+
+def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "splitfed test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "redis")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = tmp / "ca.pem", tmp / "server.pem", tmp / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def test_rediss_urls_work_and_an_unverified_server_is_refused(tmp_path, passwords):
+    from shared.registry import Registry, RegistryError
+    from splitfed.demo.runner import free_ports
+
+    ca, cert, key = _tls_files(tmp_path)
+    (tmp_path / "users.acl").write_text(redis_acl.acl_text(PREFIX, passwords))
+    port = free_ports(1)[0]
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                             "--tls-auth-clients", "no", "--save", "", "--appendonly", "no",
+                             "--aclfile", str(tmp_path / "users.acl"), "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url = redis_acl.role_url("broker", passwords["broker"], "127.0.0.1", port, tls=True) + f"?ssl_ca_certs={ca}"
+        registry = Registry(url, PREFIX, "r1")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                registry.ping()
+                break
+            except RegistryError:
+                assert proc.poll() is None and time.monotonic() < deadline, "redis-server (TLS) did not start"
+                time.sleep(0.1)
+        registry.join("broker", "broker")
+        assert registry.info("broker", "broker")["status"] == "joined"
+        # without our CA the server's certificate does not verify: no connection at all
+        with pytest.raises(redis.exceptions.ConnectionError, match="(?i)certificate"):
+            redis.Redis.from_url(redis_acl.role_url("broker", passwords["broker"], "127.0.0.1", port, tls=True)).ping()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
