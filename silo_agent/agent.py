@@ -33,7 +33,7 @@ from shared import keys as keystore
 from shared.atomic_files import atomic_path
 from shared.adapters import adapter_state_dict, apply_adapter, unique_parameters
 from shared.codec import PlainCodec
-from shared.control_text import PeerIntro, SiloReport
+from shared.control_text import MAX_REJECTED_REASONS, PeerIntro, SiloReport
 from shared.cut_defense import CutDefenseConfig, protect_cut_with
 from shared.data import SiloDataset, load_jsonl
 from shared.handshake import make_hello
@@ -252,7 +252,9 @@ class SiloAgent:
         """PROGRESS to the broker, which records it in Redis: ``fields`` and the latest step, and the
         frames refused since the last report. Best effort: monitoring never stops training."""
         s = self.settings
-        report = SiloReport({**self._progress_fields(), **fields}, dict(self.rejected))
+        # within what the broker accepts of a report (shared/control_text.py), or it refuses it whole
+        rejected = {reason[:32]: min(n, 2**31 - 1) for reason, n in self.rejected.most_common(MAX_REJECTED_REASONS)}
+        report = SiloReport({**self._progress_fields(), **fields}, rejected)
         try:
             self.send(Message(Kind.PROGRESS, s.run_id, s.silo_id, text=report.to_text()))
         except zmq.ZMQError as exc:
@@ -297,7 +299,7 @@ class SiloAgent:
                 time.sleep(delay)
                 delay *= 2
         log.info("silo %s registered with the broker (%d examples)", s.silo_id, self.dataset.num_examples)
-        self.report(samples=len(self.dataset), steps=s.steps, pid=os.getpid(), host=socket.gethostname())
+        self.report(samples=len(self.dataset), steps=s.steps, pid=os.getpid(), host=socket.gethostname()[:128])
         return resume_round(ack.text)
 
     # ------------------------------------------------------------------ one training step
