@@ -153,7 +153,7 @@ class Broker:
                     self.process_trunk(identity.bytes, frames)
                 self._dispatch()
                 self._tick()
-                self.metrics.queue_depth(self._waiting())
+                self.metrics.queue_depth(self.schedule.waiting)
         finally:
             heartbeat.stop()
             self.writes.close()  # the last commits and counters reach Redis before we say we left
@@ -376,9 +376,6 @@ class Broker:
         for silo in silos:
             self.routes.holder[silo] = worker_id  # its BACKWARD must reach the graph's holder
         self._forward_to_worker(self.workers[worker_id], frames)
-
-    def _waiting(self) -> int:
-        return self.schedule.waiting
 
     def _active_silos(self) -> set[str]:
         return set(self.silos) - self.left - self.away

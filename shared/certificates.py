@@ -161,6 +161,18 @@ def open_revocations(raw: bytes, operator_pub: bytes) -> RevocationList:
     return RevocationList(_id_from_wire(run, "run id"), epoch, revoked)
 
 
+def pinned_check(operator_public: bytes | None, pinned_fingerprint: str, run_id: str, source: str) -> CertificateCheck:
+    """A verifier for ``operator_public`` as ``source`` (the directory, the broker) hands it over,
+    once it is the key this role pins; CertificateError("bad_operator_key") otherwise."""
+    if operator_public is None:
+        raise CertificateError("bad_operator_key", f"{source} holds no operator key "
+                                                   "(enroll silos with `splitfed keys enroll --operator-key`)")
+    if not keystore.fingerprints_equal(keystore.fingerprint(operator_public), pinned_fingerprint):
+        shown = keystore.display_fingerprint(keystore.fingerprint(operator_public))
+        raise CertificateError("bad_operator_key", f"{source}'s operator key {shown} is not the pinned one")
+    return CertificateCheck(operator_public, run_id)
+
+
 class CertificateCheck:
     """One role's verifier: the pinned operator key, and the newest revocation list it has seen."""
 

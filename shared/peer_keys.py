@@ -18,9 +18,8 @@ from __future__ import annotations
 import dataclasses
 import struct
 
-from shared.certificates import CertificateCheck, CertificateError
+from shared.certificates import CertificateCheck, pinned_check
 from shared.ids import ID_FIELD_BYTES
-from shared.keys import display_fingerprint, fingerprint, fingerprints_equal
 from shared.protocol import MAX_BUNDLE
 from shared.wire import FrameError, _id_from_wire, _id_to_wire
 
@@ -103,9 +102,7 @@ class HandedKeys:
         self.keys = {e.silo_id: e.x25519_public for e in handed.entries}
 
     def _checker(self, operator_public: bytes | None) -> CertificateCheck:
-        if operator_public is None or not fingerprints_equal(fingerprint(operator_public), self.operator_fingerprint):
-            shown = display_fingerprint(fingerprint(operator_public)) if operator_public else "none"
-            raise CertificateError("bad_operator_key", f"the broker handed operator key {shown}, not the pinned one")
-        if self._check is None:
-            self._check = CertificateCheck(operator_public, self.run_id)
+        check = pinned_check(operator_public, self.operator_fingerprint, self.run_id, "the broker")  # each time
+        if self._check is None:  # the first one is kept: it remembers the newest revocation epoch seen
+            self._check = check
         return self._check

@@ -13,8 +13,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from shared import enrollment
-from shared.certificates import CertificateCheck, CertificateError
-from shared.keys import EnrolledSilo, display_fingerprint, fingerprint, fingerprints_equal
+from shared.certificates import CertificateCheck, CertificateError, pinned_check
+from shared.keys import EnrolledSilo
 
 if TYPE_CHECKING:
     from shared.registry import Registry
@@ -49,12 +49,6 @@ class SiloDirectory:
 
     def _checker(self) -> CertificateCheck:
         if self._check is None:
-            public = enrollment.operator_public_key(self.registry)
-            if public is None:
-                raise CertificateError("bad_operator_key", "the directory holds no operator key "
-                                                           "(enroll silos with `splitfed keys enroll --operator-key`)")
-            if not fingerprints_equal(fingerprint(public), self.operator_fingerprint):
-                raise CertificateError("bad_operator_key", f"the directory's operator key "
-                                                           f"{display_fingerprint(fingerprint(public))} is not the pinned one")
-            self._check = CertificateCheck(public, self.registry.run_id)
+            self._check = pinned_check(enrollment.operator_public_key(self.registry), self.operator_fingerprint,
+                                       self.registry.run_id, "the directory")
         return self._check

@@ -17,7 +17,8 @@ import torch
 from shared.protocol import ErrorReason, Kind, Reason
 from shared.wire import Message
 from trunk_worker.batch_step import BatchSteps, OpenBundle
-from trunk_worker.serial_steps import RunnerContext, SerialSteps, StepError, TrunkModel
+from trunk_worker.serial_steps import RunnerContext, SerialSteps, TrunkModel
+from trunk_worker.step_error import StepError
 
 log = logging.getLogger("trunk")
 

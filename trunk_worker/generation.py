@@ -20,17 +20,13 @@ from shared.generation import PartSession
 from shared.model_split import TrunkPart
 from shared.protocol import Kind
 from shared.wire import Message
+from trunk_worker.step_error import StepError
 
 log = logging.getLogger("trunk")
 
 
-class GenerationError(Exception):
+class GenerationError(StepError):
     """A well-formed generation frame that cannot be served; ``reason`` is the counter name."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass

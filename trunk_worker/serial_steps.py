@@ -35,17 +35,9 @@ from shared.protocol import Kind
 from shared.wire import Message
 from trunk_worker.checkpointing import load_trunk, save_trunk
 from trunk_worker.pending_graphs import PendingGraphs
+from trunk_worker.step_error import StepError
 
 log = logging.getLogger("trunk")
-
-
-class StepError(Exception):
-    """A well-formed message that cannot be served (no open step, wrong hidden size...)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 @dataclass

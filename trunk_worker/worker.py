@@ -40,9 +40,10 @@ from shared.wire import FrameError, Message, bundle_from_wire, header_from_wire,
 from trunk_worker.base_model import load_trunk_base
 from trunk_worker.beacon import Beacon
 from trunk_worker.client_batch_steps import ClientBatchSteps
-from trunk_worker.generation import GenerationError, TrunkGenerations
+from trunk_worker.generation import TrunkGenerations
 from trunk_worker.hierarchical_steps import HierarchicalSteps
-from trunk_worker.serial_steps import RunnerContext, SerialSteps, StepError, TrunkModel
+from trunk_worker.serial_steps import RunnerContext, SerialSteps, TrunkModel
+from trunk_worker.step_error import StepError
 
 log = logging.getLogger("trunk")
 
@@ -57,7 +58,6 @@ class TrunkWorker:
         trainable = apply_adapter(trunk, settings.adapter_config(), settings.seed)
         self.model = TrunkModel(trunk, trainable, device, compute_dtype=WIRE_DTYPE_BY_NAME[settings.dtype],
                                 wire_dtype=WIRE_DTYPE_BY_NAME[settings.wire_dtype])
-        self.device = device
         self.generations = TrunkGenerations(trunk, device, self.model.wire_dtype, compute_dtype=self.model.compute_dtype)
         self.accepted_hellos: dict[str, bytes] = {}
         self.heard_at = time.monotonic()  # the broker heartbeats us every heartbeat_s
@@ -97,7 +97,7 @@ class TrunkWorker:
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
         s = self.settings
-        self.registry.join("trunk", s.worker_id, device=str(self.device), adapter=s.adapter)
+        self.registry.join("trunk", s.worker_id, device=str(self.model.device), adapter=s.adapter)
         heartbeat = Heartbeat(self.registry, "trunk", s.worker_id, s.heartbeat_s, s.liveness_ttl_s,
                               status_fn=lambda: {"updates": self.updates, "pending": len(self.pending)}).start()
         beacon = self._start_beacon()  # liveness for the broker, also while a step computes
@@ -110,7 +110,7 @@ class TrunkWorker:
             log.info("--burst: the run is already finished; nothing to serve")
             self._stopping = True
         next_beat = time.monotonic() + s.heartbeat_s
-        log.info("trunk worker %s up on %s (%d trainable tensors)", s.worker_id, self.device,
+        log.info("trunk worker %s up on %s (%d trainable tensors)", s.worker_id, self.model.device,
                  self.steps.trainable_tensors)
         try:
             while not self._stopping:
@@ -185,7 +185,7 @@ class TrunkWorker:
             if handler is None:
                 raise StepError("unexpected_kind", msg.kind.name)
             handler(msg)
-        except (FrameError, StepError, GenerationError) as exc:
+        except (FrameError, StepError) as exc:  # StepError includes the generations' GenerationError
             self._reject(frames, exc)
 
     def _message_handlers(self) -> dict:
@@ -205,7 +205,7 @@ class TrunkWorker:
             Kind.GENERATE_END: self._on_generation,
         }
 
-    def _reject(self, frames: list, exc: FrameError | StepError | GenerationError) -> None:
+    def _reject(self, frames: list, exc: FrameError | StepError) -> None:
         self.registry.count_rejected(exc.reason)
         self.metrics.rejected(exc.reason)
         log.warning("rejected: %s", exc, extra={"reason": exc.reason})
