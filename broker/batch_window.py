@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from shared.protocol import ErrorReason, Reason
+from shared.wire.protocol import ErrorReason, Reason
 
 
 @dataclass

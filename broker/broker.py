@@ -28,17 +28,17 @@ from broker.rounds import RoundAggregator
 from broker.schedules import StepRoutes, replay_membership, schedule_for
 from broker.silo_records import SiloRecords
 from broker.trunk_rounds import TrunkRounds
-from shared import failpoints
-from shared.control_text import PeerIntro, ResumePoint, SiloReport
-from shared.metrics import RoleMetrics
-from shared.protocol import BEACON_SUFFIX, GENERATION_KINDS, ErrorReason, Kind, Reason
-from shared.registration import verify_registration
-from shared.registry import Heartbeat, Registry, retry_redis
-from shared.run_config import describe, differences, parse_claim, run_config
-from shared.settings import BrokerSettings
-from shared.silo_directory import SiloDirectory
-from shared.transport import ServerSecurity
-from shared.wire import (
+from shared.runtime import failpoints
+from shared.wire.control_text import PeerIntro, ResumePoint, SiloReport
+from shared.runtime.metrics import RoleMetrics
+from shared.wire.protocol import BEACON_SUFFIX, GENERATION_KINDS, ErrorReason, Kind, Reason
+from shared.crypto.registration import verify_registration
+from shared.state.registry import Heartbeat, Registry, retry_redis
+from shared.state.run_config import describe, differences, parse_claim, run_config
+from shared.runtime.settings import BrokerSettings
+from shared.crypto.silo_directory import SiloDirectory
+from shared.wire.transport import ServerSecurity
+from shared.wire.wire import (
     FrameError,
     Header,
     Message,
@@ -547,7 +547,7 @@ class Broker:
         return PeerIntro.from_text(_text_of(header, frames)).incarnation
 
     def _config_refusal(self, header: Header, frames: list, role: str) -> tuple[str, str] | None:
-        """(reason, detail) when a READY's config claim (shared/run_config.py) differs from the run's."""
+        """(reason, detail) when a READY's config claim (shared/state/run_config.py) differs from the run's."""
         try:
             claim = parse_claim(_text_of(header, frames))
         except ValueError as exc:

@@ -8,12 +8,12 @@ import sys
 import click
 
 from broker.broker import Broker
-from shared import exit_codes
-from shared.cli_options import build_settings, open_registry, redis_permissions, settings_options
-from shared.logs import configure_logging
-from shared.run_config import ConfigMismatch, agree_with_run
-from shared.settings import BrokerSettings
-from shared.transport import TransportError
+from shared.runtime import exit_codes
+from shared.runtime.cli_options import build_settings, open_registry, redis_permissions, settings_options
+from shared.runtime.logs import configure_logging
+from shared.state.run_config import ConfigMismatch, agree_with_run
+from shared.runtime.settings import BrokerSettings
+from shared.wire.transport import TransportError
 
 log = logging.getLogger("broker")
 

@@ -9,8 +9,8 @@ the cache. END forgets the route.
 
 from __future__ import annotations
 
-from shared.protocol import Kind
-from shared.wire import Header
+from shared.wire.protocol import Kind
+from shared.wire.wire import Header
 
 
 class GenerationRoutes:

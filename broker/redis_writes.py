@@ -18,7 +18,7 @@ from collections.abc import Callable
 from redis import RedisError
 from redis.exceptions import NoPermissionError
 
-from shared.registry import Registry
+from shared.state.registry import Registry
 
 log = logging.getLogger("broker")
 

@@ -1,6 +1,6 @@
 """The broker's side of a round's end: the barrier, secure aggregation, checkpoints, the commit.
 
-The broker is the aggregator but only ever adds masked vectors (shared/secure_agg.py):
+The broker is the aggregator but only ever adds masked vectors (shared/crypto/secure_agg.py):
 
 1. silos send AGG_JOIN when their steps of round r are done;
 2. once every active silo has joined (or ``timeout_s`` after the first join) the set is fixed:
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared import secure_agg
-from shared.control_text import AggStart
-from shared.protocol import Kind
-from shared.wire import Message
+from shared.crypto import secure_agg
+from shared.wire.control_text import AggStart
+from shared.wire.protocol import Kind
+from shared.wire.wire import Message
 
 log = logging.getLogger("broker")
 

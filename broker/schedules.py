@@ -22,9 +22,9 @@ from typing import Protocol
 from broker.assignment import Assignment
 from broker.batch_window import BatchWindow
 from broker.serial import SerialScheduler
-from shared.protocol import ErrorReason, Kind
-from shared.settings import BrokerSettings
-from shared.wire import Message, bundle_to_wire, header_from_wire
+from shared.wire.protocol import ErrorReason, Kind
+from shared.runtime.settings import BrokerSettings
+from shared.wire.wire import Message, bundle_to_wire, header_from_wire
 
 # (worker, the silos whose step this is, the frames to send it) -> sent, and routed back to it
 SendStep = Callable[[str, list[str], list], None]

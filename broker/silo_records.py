@@ -1,9 +1,9 @@
 """What the broker writes to and reads from Redis on the silos' behalf: silos reach only the broker.
 
-A silo's PROGRESS reports (shared/control_text.py SiloReport) become its hash in Redis (who it is,
+A silo's PROGRESS reports (shared/wire/control_text.py SiloReport) become its hash in Redis (who it is,
 its latest step and loss, its status), its liveness key is refreshed while its connection is heard,
 the frames it rejected are counted, and the participants' keys for secure aggregation are read
-from the directory and handed to them with AGG_START (shared/peer_keys.py). Every write goes
+from the directory and handed to them with AGG_START (shared/crypto/peer_keys.py). Every write goes
 through the broker's background writer, off the poll loop.
 """
 
@@ -16,11 +16,11 @@ import torch
 from redis import RedisError
 
 from broker.redis_writes import RedisWrites
-from shared import enrollment
-from shared.control_text import SiloReport
-from shared.keys import KeyStoreError
-from shared.peer_keys import PeerEntry, PeerKeys
-from shared.registry import Registry
+from shared.crypto import enrollment
+from shared.wire.control_text import SiloReport
+from shared.crypto.keys import KeyStoreError
+from shared.crypto.peer_keys import PeerEntry, PeerKeys
+from shared.state.registry import Registry
 
 log = logging.getLogger("broker")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from shared.control_text import RoundEnd
+from shared.wire.control_text import RoundEnd
 
 log = logging.getLogger("broker")
 

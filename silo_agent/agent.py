@@ -28,30 +28,30 @@ import torch
 import zmq
 from safetensors.torch import save_file
 
-from shared import checkpoint
-from shared import keys as keystore
-from shared.atomic_files import atomic_path
-from shared.adapters import adapter_state_dict, apply_adapter, unique_parameters
-from shared.codec import PlainCodec
-from shared.control_text import MAX_REJECTED_REASONS, PeerIntro, SiloReport
-from shared.cut_defense import CutDefenseConfig, protect_cut_with
-from shared.data import SiloDataset, load_jsonl
-from shared.handshake import make_hello
-from shared.loss import causal_lm_loss
-from shared.metrics import RoleMetrics
-from shared.model_split import build_silo_parts, positions_from_mask
-from shared.optim import make_optimizer
-from shared.peer_keys import HandedKeys
-from shared.protocol import WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
-from shared.registration import sign_registration
-from shared.run_config import ConfigMismatch, claim_line, config_digest, run_config
-from shared.sealed_codec import SealedCodec
-from shared.sealing import SealError
-from shared.settings import SiloSettings
-from shared.step_timeline import StepTimeline
-from shared.tokenizer import load_tokenizer
-from shared.transport import client_socket
-from shared.wire import FrameError, Message
+from shared.state import checkpoint
+from shared.crypto import keys as keystore
+from shared.state.atomic_files import atomic_path
+from shared.model.adapters import adapter_state_dict, apply_adapter, unique_parameters
+from shared.wire.codec import PlainCodec
+from shared.wire.control_text import MAX_REJECTED_REASONS, PeerIntro, SiloReport
+from shared.model.cut_defense import CutDefenseConfig, protect_cut_with
+from shared.data.dataset import SiloDataset, load_jsonl
+from shared.crypto.handshake import make_hello
+from shared.model.loss import causal_lm_loss
+from shared.runtime.metrics import RoleMetrics
+from shared.model.model_split import build_silo_parts, positions_from_mask
+from shared.model.optim import make_optimizer
+from shared.crypto.peer_keys import HandedKeys
+from shared.wire.protocol import WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
+from shared.crypto.registration import sign_registration
+from shared.state.run_config import ConfigMismatch, claim_line, config_digest, run_config
+from shared.crypto.sealed_codec import SealedCodec
+from shared.crypto.sealing import SealError
+from shared.runtime.settings import SiloSettings
+from shared.runtime.step_timeline import StepTimeline
+from shared.data.tokenizer import load_tokenizer
+from shared.wire.transport import client_socket
+from shared.wire.wire import FrameError, Message
 from silo_agent.aggregation import RoundAggregation
 from silo_agent.broker_liveness import BrokerLiveness
 from silo_agent.generation import generate_live
@@ -84,7 +84,7 @@ class SiloAgent:
         self.history: list[dict] = []
         self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
         self._hello_ns = 0  # the signed timestamp of this process's last hello
-        self.run_config = run_config(settings)  # claimed in READY and HELLO (shared/run_config.py)
+        self.run_config = run_config(settings)  # claimed in READY and HELLO (shared/state/run_config.py)
         defense = {"clip_norm": settings.cut_clip_norm, "sigma": settings.cut_noise_sigma}
         if settings.cut_noise_seed is not None:
             defense["seed"] = settings.cut_noise_seed
@@ -252,7 +252,7 @@ class SiloAgent:
         """PROGRESS to the broker, which records it in Redis: ``fields`` and the latest step, and the
         frames refused since the last report. Best effort: monitoring never stops training."""
         s = self.settings
-        # within what the broker accepts of a report (shared/control_text.py), or it refuses it whole
+        # within what the broker accepts of a report (shared/wire/control_text.py), or it refuses it whole
         rejected = {reason[:32]: min(n, 2**31 - 1) for reason, n in self.rejected.most_common(MAX_REJECTED_REASONS)}
         report = SiloReport({**self._progress_fields(), **fields}, rejected)
         try:

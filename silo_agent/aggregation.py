@@ -5,7 +5,7 @@
     silo --AGG_UPLOAD(masked n*x, n)-->          masks cancel only in the sum of all participants
     silo <--AGG_RESULT(sum)--  or a new AGG_START (someone dropped: mask again for the new set)
 
-The broker sees masked uploads and the sum, never one silo's weights (shared/secure_agg.py).
+The broker sees masked uploads and the sum, never one silo's weights (shared/crypto/secure_agg.py).
 Without encryption keys there is nothing to derive masks from: the upload is then unmasked, and
 the run says so in its log.
 """
@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 import torch
 
-from shared import secure_agg
-from shared.control_text import AggStart
-from shared.protocol import Kind
-from shared.peer_keys import HandedKeys
-from shared.wire import FrameError, Message
+from shared.crypto import secure_agg
+from shared.wire.control_text import AggStart
+from shared.wire.protocol import Kind
+from shared.crypto.peer_keys import HandedKeys
+from shared.wire.wire import FrameError, Message
 
 log = logging.getLogger("silo")
 

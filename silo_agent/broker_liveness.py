@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from shared.protocol import BROKER_LIVENESS
+from shared.wire.protocol import BROKER_LIVENESS
 from silo_agent.peer_errors import PeerError
 
 log = logging.getLogger("silo")

@@ -7,14 +7,14 @@ import sys
 
 import click
 
-from shared import exit_codes
-from shared.cli_options import build_settings, settings_options
-from shared.keys import KeyFileError
-from shared.logs import configure_logging
-from shared.models import resolve_model_dir
-from shared.run_config import ConfigMismatch
-from shared.sealing import SealError
-from shared.settings import SiloSettings
+from shared.runtime import exit_codes
+from shared.runtime.cli_options import build_settings, settings_options
+from shared.crypto.keys import KeyFileError
+from shared.runtime.logs import configure_logging
+from shared.model.models import resolve_model_dir
+from shared.state.run_config import ConfigMismatch
+from shared.crypto.sealing import SealError
+from shared.runtime.settings import SiloSettings
 from silo_agent.agent import PeerError, SiloAgent
 
 log = logging.getLogger("silo")

@@ -1,6 +1,6 @@
 """The silo's side of split generation through the live pipeline.
 
-``RemoteTrunk`` is the TrunkStep of shared/generation.py over the wire: each call seals the new
+``RemoteTrunk`` is the TrunkStep of shared/model/generation.py over the wire: each call seals the new
 positions' h1 (plus their mask columns and position ids) into a GENERATE, and opens the trunk's
 GENERATE_RESULT; ``close`` sends GENERATE_END so the trunk frees its cache. Head and tail keep
 their own caches in this process; token ids never leave it.
@@ -16,13 +16,13 @@ import json
 
 import torch
 
-from shared.atomic_files import write_bytes_atomic
-from shared.data import load_jsonl
-from shared.generation import Sampling, generate_texts
-from shared.models import resolve_model_dir
-from shared.protocol import Kind
-from shared.tokenizer import load_tokenizer
-from shared.wire import Message
+from shared.state.atomic_files import write_bytes_atomic
+from shared.data.dataset import load_jsonl
+from shared.model.generation import Sampling, generate_texts
+from shared.model.models import resolve_model_dir
+from shared.wire.protocol import Kind
+from shared.data.tokenizer import load_tokenizer
+from shared.wire.wire import Message
 
 
 class RemoteTrunk:

@@ -13,7 +13,7 @@ the k-th FORWARD's, and the trunk steps its optimizer when the step's last open 
 Replies of the two kinds can interleave on the socket (the trunk answers in arrival order), so
 they are filed by kind, each kind first in first out.
 
-The weights w_i (shared/microbatch.py) make the accumulated gradients those of the whole batch.
+The weights w_i (shared/model/microbatch.py) make the accumulated gradients those of the whole batch.
 A micro-batched step is not retried when its trunk worker is lost (a retry would have to resend
 every micro-batch): that ends the run with PeerError.
 """
@@ -24,11 +24,11 @@ from collections import deque
 
 import torch
 
-from shared.loss import causal_lm_loss
-from shared.microbatch import split_batch
-from shared.model_split import positions_from_mask
-from shared.protocol import Kind
-from shared.wire import Message
+from shared.model.loss import causal_lm_loss
+from shared.model.microbatch import split_batch
+from shared.model.model_split import positions_from_mask
+from shared.wire.protocol import Kind
+from shared.wire.wire import Message
 from silo_agent.peer_errors import PeerError, Retry, Straggler
 
 

@@ -5,7 +5,7 @@ Each is raised from the silo's receive loop and handled by its training loop (si
 
 from __future__ import annotations
 
-from shared.control_text import ResumePoint
+from shared.wire.control_text import ResumePoint
 
 
 class PeerError(RuntimeError):

@@ -2,7 +2,7 @@
 
 The model is the base model, a split run's (a silo's head/tail file + the trunk's file), or an
 exported PEFT adapter. Every example is completed by split generation with KV caches; the metrics
-and the label-parsing rule are documented in shared/task_metrics.py and shared/evaluation.py.
+and the label-parsing rule are documented in splitfed/evaluation/task_metrics.py and splitfed/evaluation/evaluation.py.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from pathlib import Path
 import click
 from transformers.utils import logging as hf_logging
 
-from shared.adapter_files import AdapterFileError
-from shared.data import DataError, load_jsonl
-from shared.evaluation import evaluate
-from shared.generation import Sampling
-from shared.models import resolve_model_dir
-from shared.tokenizer import load_tokenizer
-from shared.trained_parts import load_split_model
+from shared.model.adapter_files import AdapterFileError
+from shared.data.dataset import DataError, load_jsonl
+from splitfed.evaluation.evaluation import evaluate
+from shared.model.generation import Sampling
+from shared.model.models import resolve_model_dir
+from shared.data.tokenizer import load_tokenizer
+from splitfed.evaluation.trained_parts import load_split_model
 from splitfed.model_source import peft_adapter, source_options, split_adapter
 
 

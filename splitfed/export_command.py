@@ -18,11 +18,11 @@ from pathlib import Path
 
 import click
 
-from shared.adapter_files import AdapterFileError
-from shared.families import facts_for
-from shared.model_split import load_config
-from shared.models import resolve_model_dir
-from shared.peft_format import save_peft_adapter, target_modules
+from shared.model.adapter_files import AdapterFileError
+from shared.model.families import facts_for
+from shared.model.model_split import load_config
+from shared.model.models import resolve_model_dir
+from splitfed.evaluation.peft_format import save_peft_adapter, target_modules
 from splitfed.model_source import source_options, split_adapter
 
 

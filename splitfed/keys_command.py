@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from shared import certificates, enrollment
-from shared import keys as keystore
-from shared.cli_options import build_settings, settings_options
-from shared.registry import Registry, RegistryError
-from shared.settings import CommonSettings
+from shared.crypto import certificates, enrollment
+from shared.crypto import keys as keystore
+from shared.runtime.cli_options import build_settings, settings_options
+from shared.state.registry import Registry, RegistryError
+from shared.runtime.settings import CommonSettings
 
 
 def _registry(options: dict) -> Registry:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import click
 
-from shared.adapter_files import AdapterFileError, load_split_adapters
-from shared.adapters import AdapterConfig
-from shared.peft_format import PeftFormatError, load_peft_adapter
+from shared.model.adapter_files import AdapterFileError, load_split_adapters
+from shared.model.adapters import AdapterConfig
+from splitfed.evaluation.peft_format import PeftFormatError, load_peft_adapter
 
 
 def source_options(fn):

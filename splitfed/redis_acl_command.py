@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from shared import redis_acl
-from shared.atomic_files import write_bytes_atomic
+from shared.state import redis_acl
+from shared.state.atomic_files import write_bytes_atomic
 
 
 @click.command("redis-acl")

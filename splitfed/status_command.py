@@ -6,7 +6,7 @@ gone when the process dies) and the rejected-frame counters. Read-only: it never
 
 Kept cheap to start (no torch, no model code): it is run in a loop by `--watch` and by people in a
 hurry. That is why the Redis options come from the small ``StatusSettings`` below rather than
-``shared.settings.CommonSettings``, whose module imports torch through ``shared.wire``; a test
+``shared.runtime.settings.CommonSettings``, whose module imports torch through ``shared.wire.wire``; a test
 keeps the two in step.
 """
 
@@ -22,10 +22,10 @@ import redis
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared import exit_codes
-from shared.redis_acl import shown_url
-from shared.cli_options import build_settings, settings_options
-from shared.registry import Registry
+from shared.runtime import exit_codes
+from shared.state.redis_acl import shown_url
+from shared.runtime.cli_options import build_settings, settings_options
+from shared.state.registry import Registry
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen
 

@@ -42,6 +42,6 @@ def redis_prefix():
 
 @pytest.fixture
 def registry(redis_prefix):
-    from shared.registry import Registry
+    from shared.state.registry import Registry
 
     return Registry(REDIS_URL, redis_prefix, "run1")

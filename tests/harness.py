@@ -40,18 +40,18 @@ import torch
 import zmq
 
 from broker.broker import Broker
-from shared import checkpoint
-from shared import keys as keystore
-from shared import enrollment
-from shared.handshake import make_hello
-from shared.protocol import Kind
-from shared.registration import sign_registration
-from shared.registry import Registry
-from shared.run_config import agree_with_run, claim_line, config_digest, run_config
-from shared.sealed_codec import SealedCodec
-from shared.settings import BrokerSettings, SiloSettings, TrunkSettings
-from shared.transport import client_socket
-from shared.wire import FrameError, Message, header_from_wire
+from shared.state import checkpoint
+from shared.crypto import keys as keystore
+from shared.crypto import enrollment
+from shared.crypto.handshake import make_hello
+from shared.wire.protocol import Kind
+from shared.crypto.registration import sign_registration
+from shared.state.registry import Registry
+from shared.state.run_config import agree_with_run, claim_line, config_digest, run_config
+from shared.crypto.sealed_codec import SealedCodec
+from shared.runtime.settings import BrokerSettings, SiloSettings, TrunkSettings
+from shared.wire.transport import client_socket
+from shared.wire.wire import FrameError, Message, header_from_wire
 from silo_agent.agent import Reregister, Rollback, SiloAgent
 from trunk_worker.beacon import Beacon
 from trunk_worker.worker import TrunkWorker
@@ -530,7 +530,7 @@ class Cluster:
 
 def tiny_model_dir(cache: Path) -> Path:
     """The 'tiny' preset every role resolves, cached under ``cache`` (SPLITFED_CACHE_DIR)."""
-    from shared.models import resolve_model_dir
+    from shared.model.models import resolve_model_dir
 
     old = os.environ.get("SPLITFED_CACHE_DIR")
     os.environ["SPLITFED_CACHE_DIR"] = str(cache)

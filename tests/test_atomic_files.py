@@ -1,4 +1,4 @@
-"""shared.atomic_files: content, modes, failures leave the old file, and the file and directory fsyncs."""
+"""shared.state.atomic_files: content, modes, failures leave the old file, and the file and directory fsyncs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-from shared import atomic_files
-from shared.atomic_files import atomic_path, write_bytes_atomic
+from shared.state import atomic_files
+from shared.state.atomic_files import atomic_path, write_bytes_atomic
 
 
 def mode(path) -> int:

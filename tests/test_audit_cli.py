@@ -7,8 +7,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from shared.model_split import make_tiny_model_dir
-from shared.tokenizer import byte_tokenizer
+from shared.model.model_split import make_tiny_model_dir
+from shared.data.tokenizer import byte_tokenizer
 from splitfed.cli import main
 
 FAST = ["--victims", "4", "--max-tokens", "16", "--shadow", "16", "--learned-steps", "4", "--optim-steps", "3",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.tokenizer import byte_tokenizer
+from shared.data.tokenizer import byte_tokenizer
 from splitfed.audit.metrics import bleu4, decode_rows, rouge_l, score_inversion, token_recovery
 
 

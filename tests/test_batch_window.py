@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.batch_window import BatchWindow
-from shared.protocol import Reason
+from shared.wire.protocol import Reason
 
 SILOS = ["a", "b", "c"]
 

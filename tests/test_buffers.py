@@ -8,12 +8,12 @@ import gc
 
 import torch
 
-from shared import keys as keystore
-from shared.buffers import MIN_POOLED_BYTES, BufferPool
-from shared.handshake import accept_hello, make_hello
-from shared.protocol import Kind
-from shared.sealed_codec import SealedCodec
-from shared.wire import Message
+from shared.crypto import keys as keystore
+from shared.wire.buffers import MIN_POOLED_BYTES, BufferPool
+from shared.crypto.handshake import accept_hello, make_hello
+from shared.wire.protocol import Kind
+from shared.crypto.sealed_codec import SealedCodec
+from shared.wire.wire import Message
 
 N = MIN_POOLED_BYTES * 2
 

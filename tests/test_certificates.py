@@ -11,11 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from shared import certificates, enrollment, keys, secure_agg
-from shared.certificates import CertificateError
-from shared.handshake import accept_hello, make_hello
-from shared.registration import sign_registration, verify_registration
-from shared.silo_directory import SiloDirectory
+from shared.crypto import certificates, enrollment, keys, secure_agg
+from shared.crypto.certificates import CertificateError
+from shared.crypto.handshake import accept_hello, make_hello
+from shared.crypto.registration import sign_registration, verify_registration
+from shared.crypto.silo_directory import SiloDirectory
 
 RUN = "run1"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared import checkpoint
-from shared.optim import make_optimizer
+from shared.state import checkpoint
+from shared.model.optim import make_optimizer
 
 
 def _trained(seed: int):

@@ -1,6 +1,6 @@
-"""Client-batch's reference (shared/centralized_batch.py) against a PLAIN unsplit Hugging Face model
+"""Client-batch's reference (splitfed/reference/centralized_batch.py) against a PLAIN unsplit Hugging Face model
 trained at batch M*b, written here without any of the code the system and that reference share
-(no parts, no shared/batching.py, no shared/loss.py, no make_optimizer, no secure_agg averaging).
+(no parts, no shared/model/batching.py, no shared/model/loss.py, no make_optimizer, no secure_agg averaging).
 
 What "equals centralized training at batch M*b" (DESIGN.md, client-batch) means exactly:
 
@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM
 
-from shared.adapters import apply_adapter
-from shared.centralized_batch import centralized_client_batch
-from shared.data import SiloDataset, load_jsonl
-from shared.model_split import make_tiny_model_dir
-from shared.settings import ModelSettings
-from shared.tokenizer import byte_tokenizer, load_tokenizer
+from shared.model.adapters import apply_adapter
+from splitfed.reference.centralized_batch import centralized_client_batch
+from shared.data.dataset import SiloDataset, load_jsonl
+from shared.model.model_split import make_tiny_model_dir
+from shared.runtime.settings import ModelSettings
+from shared.data.tokenizer import byte_tokenizer, load_tokenizer
 
 TOL = 1e-5
 SIZES = (6, 8, 10)  # examples per silo: unequal FedAvg weights

@@ -13,17 +13,17 @@ import pytest
 import torch
 import zmq
 
-from shared import keys as keystore
+from shared.crypto import keys as keystore
 
-from shared import enrollment
-from shared.handshake import make_hello
-from shared.models import resolve_model_dir
-from shared.protocol import Kind
-from shared.registration import sign_registration
-from shared.registry import Registry
-from shared.run_config import claim_line, config_digest, meta_fields, run_config
-from shared.settings import SiloSettings, TrunkSettings
-from shared.wire import Message, message_from_wire, message_to_wire
+from shared.crypto import enrollment
+from shared.crypto.handshake import make_hello
+from shared.model.models import resolve_model_dir
+from shared.wire.protocol import Kind
+from shared.crypto.registration import sign_registration
+from shared.state.registry import Registry
+from shared.state.run_config import claim_line, config_digest, meta_fields, run_config
+from shared.runtime.settings import SiloSettings, TrunkSettings
+from shared.wire.wire import Message, message_from_wire, message_to_wire
 from tests.conftest import REDIS_URL
 from tests.test_processes import _free_port, _start
 
@@ -132,7 +132,7 @@ def test_a_role_the_broker_refuses_at_ready_exits_with_the_config_code(redis_pre
     import threading
 
     from broker.broker import Broker
-    from shared.settings import BrokerSettings
+    from shared.runtime.settings import BrokerSettings
 
     registry = Registry(REDIS_URL, redis_prefix, RUN)
     registry.create_run({"silos": "silo0"})

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.control_text import AggStart, PeerIntro, ResumePoint, RoundEnd
-from shared.run_config import claim_line, parse_claim
-from shared.wire import FrameError
+from shared.wire.control_text import AggStart, PeerIntro, ResumePoint, RoundEnd
+from shared.state.run_config import claim_line, parse_claim
+from shared.wire.wire import FrameError
 
 ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=12)
 
@@ -63,7 +63,7 @@ def test_agg_start_round_trips(participants):
 
 
 def test_a_silo_report_round_trips_and_nothing_else_gets_in():
-    from shared.control_text import SiloReport
+    from shared.wire.control_text import SiloReport
 
     report = SiloReport({"round": 1, "step": 7, "loss": "2.500000", "pid": 42, "host": "h", "status": "finished"},
                         {"bad_tag": 3})

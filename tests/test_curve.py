@@ -10,9 +10,9 @@ import pytest
 import zmq
 import zmq.auth
 
-from shared.protocol import Kind
-from shared.registry import Registry
-from shared.wire import Message, message_from_wire, message_to_wire
+from shared.wire.protocol import Kind
+from shared.state.registry import Registry
+from shared.wire.wire import Message, message_from_wire, message_to_wire
 from splitfed.keys_command import make_curve_certificate
 from tests.conftest import REDIS_URL
 from tests.test_processes import _free_port, _start

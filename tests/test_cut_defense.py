@@ -1,4 +1,4 @@
-"""shared/cut_defense.py: clipping bounds, identity when off, seeded noise, gradients, bad input."""
+"""shared/model/cut_defense.py: clipping bounds, identity when off, seeded noise, gradients, bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from shared.cut_defense import (
+from shared.model.cut_defense import (
     CutDefenseConfig,
     clip_token_norms,
     noise_generator,

@@ -14,9 +14,9 @@ import pytest
 import torch
 from tokenizers import processors
 
-from shared import bbc
-from shared.data import IGNORE_INDEX, DataError, Example, SiloDataset, collate, encode_example, epoch_seed, load_jsonl
-from shared.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer, load_tokenizer
+from splitfed.experiment import bbc
+from shared.data.dataset import IGNORE_INDEX, DataError, Example, SiloDataset, collate, encode_example, epoch_seed, load_jsonl
+from shared.data.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -202,8 +202,8 @@ def test_dataset_rejects_bad_arguments(tok):
 
 BATCH_DIGEST = """
 import hashlib, sys
-from shared.data import Example, SiloDataset
-from shared.tokenizer import byte_tokenizer
+from shared.data.dataset import Example, SiloDataset
+from shared.data.tokenizer import byte_tokenizer
 examples = [Example(f"question {i}?", f" answer {i * i}") for i in range(10)]
 ds = SiloDataset(examples, byte_tokenizer(), batch_size=3, max_length=32, seed=7, silo_index=2)
 h = hashlib.sha256()
@@ -276,14 +276,14 @@ def test_demo_file_is_balanced_small_and_valid():
     demo = bbc.demo_examples()
     assert len(demo) == 400
     assert collections.Counter(e["completion"] for e in demo) == {f" {t}": 80 for t in bbc.TOPICS}
-    assert (REPO / "shared" / bbc.DEMO_RESOURCE).stat().st_size < 300_000
+    assert (REPO / "splitfed" / "experiment" / bbc.DEMO_RESOURCE).stat().st_size < 300_000
     assert len(set(e["prompt"] for e in demo)) == 400
 
 
 def test_make_demo_reproduces_the_shipped_file(tmp_path):
     out = tmp_path / "demo.jsonl"
     assert bbc.main(["make-demo", "--out", str(out)]) == 0
-    assert out.read_bytes() == (REPO / "shared" / bbc.DEMO_RESOURCE).read_bytes()
+    assert out.read_bytes() == (REPO / "splitfed" / "experiment" / bbc.DEMO_RESOURCE).read_bytes()
 
 
 def test_demo_examples_tokenize_within_a_silo_budget(tok):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from shared.registry import Registry
+from shared.state.registry import Registry
 from tests.conftest import REDIS_URL
 
 pytestmark = pytest.mark.slow

@@ -20,14 +20,14 @@ import pytest
 import torch
 
 from broker.broker import Broker
-from shared import keys as keystore
-from shared import enrollment
-from shared.data import SiloDataset, load_jsonl
-from shared.model_split import build_silo_parts, positions_from_mask
-from shared.models import resolve_model_dir
-from shared.registry import Registry
-from shared.settings import BrokerSettings, SiloSettings
-from shared.tokenizer import load_tokenizer
+from shared.crypto import keys as keystore
+from shared.crypto import enrollment
+from shared.data.dataset import SiloDataset, load_jsonl
+from shared.model.model_split import build_silo_parts, positions_from_mask
+from shared.model.models import resolve_model_dir
+from shared.state.registry import Registry
+from shared.runtime.settings import BrokerSettings, SiloSettings
+from shared.data.tokenizer import load_tokenizer
 from tests.conftest import REDIS_URL
 from tests.test_processes import _free_port
 
@@ -144,7 +144,7 @@ def _first_activation(tiny_dir: Path, data: Path) -> bytes:
     """What silo0 sends at step 0: recomputed here from the same model, adapter seed and data."""
     settings = SiloSettings(model="tiny", data=data, batch_size=2, max_length=32)
     head, _ = build_silo_parts(tiny_dir, 1, 1)
-    from shared.adapters import apply_adapter
+    from shared.model.adapters import apply_adapter
 
     apply_adapter(head, settings.adapter_config(), settings.seed)
     batch = SiloDataset(load_jsonl(data), load_tokenizer(tiny_dir), 2, 32, settings.seed, 0).batch(0)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.protocol import ErrorReason, Reason
+from shared.wire.protocol import ErrorReason, Reason
 
 ROOT = Path(__file__).resolve().parent.parent
 

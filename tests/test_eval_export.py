@@ -12,12 +12,12 @@ from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from shared.adapter_files import adapter_metadata, load_split_adapters, save_adapter_file
-from shared.adapters import AdapterConfig, adapter_state_dict, apply_adapter
-from shared.generation import LocalTrunk, Sampling, encode_prompts, split_generate
-from shared.model_split import build_part, build_silo_parts, make_tiny_model_dir
-from shared.tokenizer import byte_tokenizer
-from shared.trained_parts import load_split_model
+from shared.model.adapter_files import adapter_metadata, load_split_adapters, save_adapter_file
+from shared.model.adapters import AdapterConfig, adapter_state_dict, apply_adapter
+from shared.model.generation import LocalTrunk, Sampling, encode_prompts, split_generate
+from shared.model.model_split import build_part, build_silo_parts, make_tiny_model_dir
+from shared.data.tokenizer import byte_tokenizer
+from splitfed.evaluation.trained_parts import load_split_model
 from splitfed.cli import main
 
 LORA = AdapterConfig(kind="lora", lora_r=4, lora_alpha=8, lora_init_b="random")

@@ -19,15 +19,15 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import keys as keystore
+from shared.crypto import keys as keystore
 
-from shared import enrollment
-from shared.centralized import centralized_reference
-from shared.models import resolve_model_dir
-from shared.protocol import Kind
-from shared.registration import sign_registration
-from shared.registry import Registry
-from shared.wire import FLAG_SEALED, Message, message_from_wire, message_to_wire
+from shared.crypto import enrollment
+from splitfed.reference.centralized import centralized_reference
+from shared.model.models import resolve_model_dir
+from shared.wire.protocol import Kind
+from shared.crypto.registration import sign_registration
+from shared.state.registry import Registry
+from shared.wire.wire import FLAG_SEALED, Message, message_from_wire, message_to_wire
 from tests.conftest import REDIS_URL
 from tests.test_processes import _free_port, _start
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from shared import bbc
-from shared.data import Example, collate, encode_example
-from shared.model_split import build_part, build_silo_parts, positions_from_mask
-from shared.model_store import GEMMA3_NAME, gemma3_dir
-from shared.tokenizer import load_tokenizer
+from splitfed.experiment import bbc
+from shared.data.dataset import Example, collate, encode_example
+from shared.model.model_split import build_part, build_silo_parts, positions_from_mask
+from shared.model.model_store import GEMMA3_NAME, gemma3_dir
+from shared.data.tokenizer import load_tokenizer
 from tests.conftest import USER_CACHE
 
 pytestmark = pytest.mark.slow

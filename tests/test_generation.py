@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.adapters import AdapterConfig, apply_adapter
-from shared.generation import LocalTrunk, Sampling, choose_next, encode_prompts, split_generate
-from shared.model_split import build_part, build_silo_parts, make_tiny_model_dir, positions_from_mask
-from shared.reference import UnsplitModel
-from shared.tokenizer import byte_tokenizer
+from shared.model.adapters import AdapterConfig, apply_adapter
+from shared.model.generation import LocalTrunk, Sampling, choose_next, encode_prompts, split_generate
+from shared.model.model_split import build_part, build_silo_parts, make_tiny_model_dir, positions_from_mask
+from splitfed.reference.reference import UnsplitModel
+from shared.data.tokenizer import byte_tokenizer
 
 EOS, PAD = 259, 0
 SEED = 7

@@ -13,17 +13,17 @@ import subprocess
 
 import pytest
 
-from shared import keys as keystore
+from shared.crypto import keys as keystore
 
-from shared import enrollment
-from shared.adapter_files import load_split_adapters
-from shared.adapters import AdapterConfig
-from shared.generation import LocalTrunk, Sampling, generate_texts
-from shared.models import resolve_model_dir
-from shared.protocol import SEAL_OVERHEAD
-from shared.registry import Registry
-from shared.tokenizer import load_tokenizer
-from shared.trained_parts import load_split_model
+from shared.crypto import enrollment
+from shared.model.adapter_files import load_split_adapters
+from shared.model.adapters import AdapterConfig
+from shared.model.generation import LocalTrunk, Sampling, generate_texts
+from shared.model.models import resolve_model_dir
+from shared.wire.protocol import SEAL_OVERHEAD
+from shared.state.registry import Registry
+from shared.data.tokenizer import load_tokenizer
+from splitfed.evaluation.trained_parts import load_split_model
 from tests.conftest import REDIS_URL
 from tests.test_processes import _free_port, _start, role_env
 

@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
-from shared import enrollment, keys
-from shared.enrollment import enroll, list_enrolled, lookup, publish_trunk_key, revoke, trunk_public_key
-from shared.keys import (
+from shared.crypto import enrollment, keys
+from shared.crypto.enrollment import enroll, list_enrolled, lookup, publish_trunk_key, revoke, trunk_public_key
+from shared.crypto.keys import (
     InsecureKeyFileWarning,
     KeyFileError,
     KeyStoreError,

@@ -20,10 +20,10 @@ import pytest
 import redis
 import zmq
 
-from shared.models import resolve_model_dir
-from shared.protocol import Kind
-from shared.registry import Registry
-from shared.wire import Message, message_to_wire
+from shared.model.models import resolve_model_dir
+from shared.wire.protocol import Kind
+from shared.state.registry import Registry
+from shared.wire.wire import Message, message_to_wire
 from splitfed.demo.faults import latest_step
 from splitfed.demo.federation_run import DemoConfig, launch, make_throwaway_keys, write_silo_data
 from splitfed.demo.processes import Federation

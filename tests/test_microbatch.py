@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from shared.data import Batch
-from shared.loss import IGNORE_INDEX, causal_lm_loss
-from shared.microbatch import split_batch
+from shared.data.dataset import Batch
+from shared.model.loss import IGNORE_INDEX, causal_lm_loss
+from shared.model.microbatch import split_batch
 from tests.conftest import REDIS_URL
 
 

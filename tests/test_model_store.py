@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from shared import bbc
-from shared.data import Example, collate, encode_example
-from shared.model_store import SMOLLM2_NAME, resolve_model, smollm2_dir, smollm2_gguf_path
-from shared.tokenizer import load_tokenizer
+from splitfed.experiment import bbc
+from shared.data.dataset import Example, collate, encode_example
+from shared.model.model_store import SMOLLM2_NAME, resolve_model, smollm2_dir, smollm2_gguf_path
+from shared.data.tokenizer import load_tokenizer
 
 
 def test_gguf_is_found_without_importing_the_package():

@@ -138,7 +138,7 @@ def test_hierarchical_writes_each_silos_trunk_adapter_and_the_average(demos, req
     With --personalize there is no average, and the silos' adapters differ."""
     import torch
 
-    from shared.adapter_files import load_adapter_file
+    from shared.model.adapter_files import load_adapter_file
 
     _, run_dir = demos.result(request)
     weights = run_dir / "weights"
@@ -173,8 +173,8 @@ def test_hierarchical_recomputed_forwards_give_the_same_losses(tmp_path, redis_p
 def test_a_dead_trunk_worker_hands_its_silos_to_another(tmp_path, redis_prefix):
     """Hierarchical, two workers: SIGKILL one mid-run; its silos move to the other (Redis records
     it), their open step is sent again, and every silo finishes all its steps."""
-    from shared.models import resolve_model_dir
-    from shared.registry import Registry
+    from shared.model.models import resolve_model_dir
+    from shared.state.registry import Registry
     from splitfed.demo.faults import latest_step
     from splitfed.demo.federation_run import DemoConfig, launch, make_throwaway_keys, write_silo_data
     from splitfed.demo.processes import Federation

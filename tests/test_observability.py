@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 import zmq
 
-from shared.metrics import RoleMetrics
-from shared.registry import Registry
+from shared.runtime.metrics import RoleMetrics
+from shared.state.registry import Registry
 from tests.conftest import REDIS_URL
 from tests.test_processes import _free_port, _start
 

@@ -37,7 +37,7 @@ HARDENING = {
     "RestrictNamespaces": "yes", "LockPersonality": "yes", "CapabilityBoundingSet": "",
     "SystemCallArchitectures": "native",
 }
-# Read straight from the environment by shared/models.py and shared/model_store.py, not a settings field.
+# Read straight from the environment by shared/model/models.py and shared/model/model_store.py, not a settings field.
 EXTRA_VARS = {"SPLITFED_CACHE_DIR"}
 
 
@@ -118,7 +118,7 @@ def unit_environment(role: str) -> dict[str, str]:
 
 
 def settings_class(role: str):
-    from shared.settings import BrokerSettings, SiloSettings, TrunkSettings
+    from shared.runtime.settings import BrokerSettings, SiloSettings, TrunkSettings
 
     return {"broker": BrokerSettings, "trunk": TrunkSettings, "silo": SiloSettings}[role]
 
@@ -201,7 +201,7 @@ def test_example_env_file_is_valid_settings(role, monkeypatch):
 
 
 def test_model_settings_agree_between_trunk_and_silo_examples():
-    from shared.settings import CommonSettings, ModelSettings
+    from shared.runtime.settings import CommonSettings, ModelSettings
 
     trunk, silo = parse_env_file(OPS / "env" / "trunk.env"), parse_env_file(OPS / "env" / "silo.env")
     shared_by_run = set(ModelSettings.model_fields) - set(CommonSettings.model_fields) | {"encryption", "cipher", "run_id"}
@@ -212,7 +212,7 @@ def test_model_settings_agree_between_trunk_and_silo_examples():
 
 def test_status_settings_match_common_settings():
     """`splitfed status` keeps its own torch-free settings class: same variables, same defaults."""
-    from shared.settings import CommonSettings
+    from shared.runtime.settings import CommonSettings
     from splitfed.status_command import StatusSettings
 
     for name, field in StatusSettings.model_fields.items():
@@ -302,9 +302,9 @@ def _status(splitfed: str, env: dict, run: str) -> dict:
 
 @pytest.mark.slow
 def test_roles_run_from_unit_command_lines_and_env_files(redis_prefix, tmp_path):
-    from shared import keys as keystore
-    from shared import enrollment
-    from shared.registry import Registry
+    from shared.crypto import keys as keystore
+    from shared.crypto import enrollment
+    from shared.state.registry import Registry
     from tests.conftest import REDIS_URL
 
     splitfed = str(Path(sys.executable).parent / "splitfed")

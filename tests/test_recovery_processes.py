@@ -102,8 +102,8 @@ def test_a_killed_role_changes_nothing(demos, fault_free, kill):
 def test_a_silo_that_never_returns_is_left_behind_and_can_rejoin(tmp_path, redis_prefix):
     """silo1 dies and stays down: after round_timeout_s the rounds close without it; started again
     much later, it rejoins at the next round and both silos finish."""
-    from shared.models import resolve_model_dir
-    from shared.registry import Registry
+    from shared.model.models import resolve_model_dir
+    from shared.state.registry import Registry
     from splitfed.demo.federation_run import DemoConfig, launch, make_throwaway_keys, write_silo_data
     from splitfed.demo.processes import Federation
     from splitfed.demo.runner import free_ports

@@ -19,7 +19,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from shared import redis_acl
+from shared.state import redis_acl
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "splitfed-acl"
@@ -158,7 +158,7 @@ def _tls_files(tmp: Path) -> tuple[Path, Path, Path]:
 
 
 def test_rediss_urls_work_and_an_unverified_server_is_refused(tmp_path, passwords):
-    from shared.registry import Registry, RegistryError
+    from shared.state.registry import Registry, RegistryError
     from splitfed.demo.runner import free_ports
 
     ca, cert, key = _tls_files(tmp_path)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from shared.keys import EnrolledSilo, new_silo_keys
-from shared.registration import RegistrationError, sign_registration, verify_registration
-from shared.wire import FrameError
+from shared.crypto.keys import EnrolledSilo, new_silo_keys
+from shared.crypto.registration import RegistrationError, sign_registration, verify_registration
+from shared.wire.wire import FrameError
 
 NOW = 1_800_000_000 * 10**9
 

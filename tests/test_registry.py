@@ -2,7 +2,7 @@
 
 import time
 
-from shared.registry import Heartbeat
+from shared.state.registry import Heartbeat
 
 
 def test_run_meta_and_rounds(registry):
@@ -48,7 +48,7 @@ def test_rejected_counters(registry):
 
 
 def test_delete_run_removes_only_this_run(registry):
-    from shared.registry import Registry
+    from shared.state.registry import Registry
 
     other = Registry(registry.url, registry.prefix, "run2")
     registry.create_run({"mode": "serial"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from broker.rounds import RoundAggregator
-from shared.protocol import Kind
+from shared.wire.protocol import Kind
 
 
 class Outbox:

@@ -1,4 +1,4 @@
-"""The run config every role must agree on (shared/run_config.py): digest, differences, where it is checked."""
+"""The run config every role must agree on (shared/state/run_config.py): digest, differences, where it is checked."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import threading
 import pytest
 import zmq
 
-from shared import keys as keystore
-from shared.handshake import accept_hello, make_hello
-from shared.protocol import Kind
-from shared.run_config import (
+from shared.crypto import keys as keystore
+from shared.crypto.handshake import accept_hello, make_hello
+from shared.wire.protocol import Kind
+from shared.state.run_config import (
     LOCAL_FIELDS,
     RUN_CONFIG_FIELDS,
     ConfigMismatch,
@@ -25,9 +25,9 @@ from shared.run_config import (
     parse_claim,
     run_config,
 )
-from shared.sealing import SealError
-from shared.settings import BrokerSettings, CommonSettings, CryptoSettings, SiloSettings, TrunkSettings
-from shared.wire import Message, message_from_wire, message_to_wire
+from shared.crypto.sealing import SealError
+from shared.runtime.settings import BrokerSettings, CommonSettings, CryptoSettings, SiloSettings, TrunkSettings
+from shared.wire.wire import Message, message_from_wire, message_to_wire
 from tests.conftest import REDIS_URL
 from tests.test_cli_errors import run_cli
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.schedules import HierarchicalQueue, SerialTurns, StepRoutes, replay_membership, schedule_for
-from shared.settings import BrokerSettings
+from shared.runtime.settings import BrokerSettings
 
 
 class Sent:

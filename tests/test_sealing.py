@@ -8,13 +8,13 @@ import time
 import pytest
 import torch
 
-from shared import enrollment, keys
-from shared.handshake import HELLO_SIZE, HelloGuard, accept_hello, make_hello, peek_hello
-from shared.enrollment import enroll, revoke
-from shared.keys import fingerprint
-from shared.protocol import Kind
-from shared.sealing import ACK_SIZE, ReplayWindow, SealError, open_message, seal_message
-from shared.wire import (
+from shared.crypto import enrollment, keys
+from shared.crypto.handshake import HELLO_SIZE, HelloGuard, accept_hello, make_hello, peek_hello
+from shared.crypto.enrollment import enroll, revoke
+from shared.crypto.keys import fingerprint
+from shared.wire.protocol import Kind
+from shared.crypto.sealing import ACK_SIZE, ReplayWindow, SealError, open_message, seal_message
+from shared.wire.wire import (
     HEADER,
     FrameError,
     Header,

@@ -8,7 +8,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from shared import secure_agg as sa
+from shared.crypto import secure_agg as sa
 
 RUN = "run-sa"
 

@@ -13,16 +13,16 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, BertConfig
 
-from shared.adapters import (
+from shared.model.adapters import (
     AdapterConfig,
     adapter_state_dict,
     apply_adapter,
     load_adapter_state_dict,
     unique_parameters,
 )
-from shared.families import facts_for
-from shared.loss import causal_lm_loss
-from shared.model_split import (
+from shared.model.families import facts_for
+from shared.model.loss import causal_lm_loss
+from shared.model.model_split import (
     SplitPlan,
     build_part,
     build_silo_parts,
@@ -30,7 +30,7 @@ from shared.model_split import (
     make_tiny_model_dir,
     positions_from_mask,
 )
-from shared.reference import UnsplitModel
+from splitfed.reference.reference import UnsplitModel
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 # The families added to the table later (issue 15), each with its own features switched on in its

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
-from shared.partition import iid_partition, label_counts, label_skew_partition
-from shared.task_metrics import UNPARSED, classification_metrics, exact_match, parse_label, rouge_l
+from splitfed.experiment.partition import iid_partition, label_counts, label_skew_partition
+from splitfed.evaluation.task_metrics import UNPARSED, classification_metrics, exact_match, parse_label, rouge_l
 
 LABELS = ["business", "sport", "tech", "entertainment"]
 

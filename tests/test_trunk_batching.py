@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.adapters import AdapterConfig, apply_adapter
-from shared.batching import concat_padded, scatter_grads, take
-from shared.model_split import build_part, make_tiny_model_dir, positions_from_mask
-from shared.protocol import Kind
-from shared.wire import FrameError, Message, bundle_from_wire, bundle_to_wire, message_to_wire
+from shared.model.adapters import AdapterConfig, apply_adapter
+from shared.model.batching import concat_padded, scatter_grads, take
+from shared.model.model_split import build_part, make_tiny_model_dir, positions_from_mask
+from shared.wire.protocol import Kind
+from shared.wire.wire import FrameError, Message, bundle_from_wire, bundle_to_wire, message_to_wire
 from trunk_worker.batch_step import BatchSteps
 from trunk_worker.silo_adapters import SiloAdapters
 
@@ -111,8 +111,8 @@ def test_per_silo_adapters_share_the_base_and_stay_apart(model_dir):
 def test_a_silos_adapter_and_moments_are_one_buffer_and_train_like_plain_adamw(model_dir):
     """The flat per-silo state (parameters | exp_avg | exp_avg_sq) changes no number: three steps
     equal plain AdamW on separate tensors, and a checkpoint restores into the same buffer."""
-    from shared import checkpoint
-    from shared.optim import make_optimizer
+    from shared.state import checkpoint
+    from shared.model.optim import make_optimizer
 
     trunk, _ = _trunk(model_dir)
     adapters = SiloAdapters(trunk, lr=1e-2, weight_decay=0.01)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from broker.generation_routes import GenerationRoutes
-from shared.generation import LocalTrunk
-from shared.model_split import build_part, make_tiny_model_dir
-from shared.protocol import Kind
-from shared.wire import Header, Message
+from shared.model.generation import LocalTrunk
+from shared.model.model_split import build_part, make_tiny_model_dir
+from shared.wire.protocol import Kind
+from shared.wire.wire import Header, Message
 from trunk_worker.generation import GenerationError, TrunkGenerations
 
 

@@ -55,7 +55,7 @@ def test_trunk_sync_partials_open_only_for_the_service_and_their_round():
     import torch
     from cryptography.hazmat.primitives.asymmetric import x25519
 
-    from shared.wire import FrameError
+    from shared.wire.wire import FrameError
     from trunk_worker.trunk_sync import TrunkSync
 
     service = SimpleNamespace(x25519=x25519.X25519PrivateKey.generate())

@@ -7,8 +7,8 @@ import struct
 import pytest
 import torch
 
-from shared.protocol import MAX_TENSORS, Kind, WireDtype
-from shared.wire import (
+from shared.wire.protocol import MAX_TENSORS, Kind, WireDtype
+from shared.wire.wire import (
     HEADER,
     TENSOR_DESC,
     FrameError,
@@ -86,7 +86,7 @@ def test_error_text_round_trip():
 
 @pytest.mark.parametrize("dtype", list(WireDtype))
 def test_tensor_serde_pairs(dtype):
-    from shared.protocol import TORCH_DTYPE
+    from shared.wire.protocol import TORCH_DTYPE
 
     t = (torch.arange(24) % 7).to(TORCH_DTYPE[dtype]).view(2, 3, 4)
     desc, buf = tensor_to_wire(t)
@@ -256,8 +256,8 @@ def test_header_struct_is_stable():
 
 def test_a_header_parsed_once_is_handed_along_not_parsed_again(monkeypatch):
     """The trunk parses a frame's header to see its kind; split_frames and the codec then reuse it."""
-    import shared.wire as wire
-    from shared.codec import PlainCodec
+    import shared.wire.wire as wire
+    from shared.wire.codec import PlainCodec
 
     msg = Message(Kind.FORWARD, "run1", "silo0", 0, 3, tensors=[torch.ones(1, 2, 4), torch.ones(1, 2, dtype=torch.uint8),
                                                                  torch.zeros(1, 2, dtype=torch.int32)])

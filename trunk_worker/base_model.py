@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.model_split import build_part
-from shared.protocol import WIRE_DTYPE_BY_NAME
-from shared.quantize import block_quantizer, release_freed_heap, weight_bytes
-from shared.settings import TrunkSettings
+from shared.model.model_split import build_part
+from shared.wire.protocol import WIRE_DTYPE_BY_NAME
+from shared.model.quantize import block_quantizer, release_freed_heap, weight_bytes
+from shared.runtime.settings import TrunkSettings
 from trunk_worker.placement import PlacementError, parse_devices, spread_over_devices
 
 log = logging.getLogger("trunk")

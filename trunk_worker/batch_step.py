@@ -1,7 +1,7 @@
 """Client-batch mode on the trunk: one forward and one backward for several silos' steps.
 
 A BUNDLE's members are opened one by one (each with its own silo's session), padded to a common
-length and concatenated along the batch (shared/batching.py). One forward keeps the graph; each
+length and concatenated along the batch (shared/model/batching.py). One forward keeps the graph; each
 silo gets its slice of the output. Gradients come back per silo; when all are in, or when the
 straggler timeout passes, one backward runs with zeros for the missing slices, the trunk's
 gradients are averaged over the slices that contributed, and one optimizer step is taken.
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.batching import RowSlice, concat_padded, scatter_grads, take
-from shared.wire import Message
+from shared.model.batching import RowSlice, concat_padded, scatter_grads, take
+from shared.wire.wire import Message
 
 
 @dataclass

@@ -14,10 +14,10 @@ import threading
 
 import zmq
 
-from shared.protocol import BEACON_SUFFIX, Kind
-from shared.settings import TrunkSettings
-from shared.transport import client_socket
-from shared.wire import Message, message_to_wire
+from shared.wire.protocol import BEACON_SUFFIX, Kind
+from shared.runtime.settings import TrunkSettings
+from shared.wire.transport import client_socket
+from shared.wire.wire import Message, message_to_wire
 
 
 class Beacon:

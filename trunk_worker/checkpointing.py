@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from shared import checkpoint
+from shared.state import checkpoint
 
 
 def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,13 +7,13 @@ import sys
 
 import click
 
-from shared import exit_codes
-from shared.cli_options import build_settings, open_registry, redis_permissions, settings_options
-from shared.keys import KeyFileError, KeyStoreError
-from shared.logs import configure_logging
-from shared.models import resolve_model_dir
-from shared.run_config import ConfigMismatch, agree_with_run
-from shared.settings import TrunkSettings
+from shared.runtime import exit_codes
+from shared.runtime.cli_options import build_settings, open_registry, redis_permissions, settings_options
+from shared.crypto.keys import KeyFileError, KeyStoreError
+from shared.runtime.logs import configure_logging
+from shared.model.models import resolve_model_dir
+from shared.state.run_config import ConfigMismatch, agree_with_run
+from shared.runtime.settings import TrunkSettings
 from trunk_worker.worker import TrunkWorker
 
 log = logging.getLogger("trunk")

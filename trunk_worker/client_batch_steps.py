@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from shared.protocol import ErrorReason, Kind, Reason
-from shared.wire import Message
+from shared.wire.protocol import ErrorReason, Kind, Reason
+from shared.wire.wire import Message
 from trunk_worker.batch_step import BatchSteps, OpenBundle
 from trunk_worker.serial_steps import RunnerContext, SerialSteps, TrunkModel
 from trunk_worker.step_error import StepError

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shared.generation import PartSession
-from shared.model_split import TrunkPart
-from shared.protocol import Kind
-from shared.wire import Message
+from shared.model.generation import PartSession
+from shared.model.model_split import TrunkPart
+from shared.wire.protocol import Kind
+from shared.wire.wire import Message
 from trunk_worker.step_error import StepError
 
 log = logging.getLogger("trunk")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from shared.adapter_files import save_adapter_file
-from shared.control_text import RoundEnd
-from shared.protocol import Kind
-from shared.wire import Message
+from shared.model.adapter_files import save_adapter_file
+from shared.wire.control_text import RoundEnd
+from shared.wire.protocol import Kind
+from shared.wire.wire import Message
 from trunk_worker.checkpointing import load_trunk, save_trunk
 from trunk_worker.serial_steps import RunnerContext, SerialSteps, TrunkModel
 from trunk_worker.silo_adapters import SiloAdapters

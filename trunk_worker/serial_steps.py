@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from shared.adapter_files import save_adapter_file
-from shared.adapters import adapter_state_dict
-from shared.metrics import RoleMetrics
-from shared.optim import make_optimizer
-from shared.settings import TrunkSettings
-from shared.step_timeline import StepTimeline
-from shared.protocol import Kind
-from shared.wire import Message
+from shared.model.adapter_files import save_adapter_file
+from shared.model.adapters import adapter_state_dict
+from shared.runtime.metrics import RoleMetrics
+from shared.model.optim import make_optimizer
+from shared.runtime.settings import TrunkSettings
+from shared.runtime.step_timeline import StepTimeline
+from shared.wire.protocol import Kind
+from shared.wire.wire import Message
 from trunk_worker.checkpointing import load_trunk, save_trunk
 from trunk_worker.pending_graphs import PendingGraphs
 from trunk_worker.step_error import StepError

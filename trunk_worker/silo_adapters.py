@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from shared.optim import make_optimizer
+from shared.model.optim import make_optimizer
 
 log = logging.getLogger("trunk")
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from shared.sealing import HAS_INTO
-from shared.wire import FrameError
+from shared.crypto.sealing import HAS_INTO
+from shared.wire.wire import FrameError
 
 NONCE_BYTES = 12
 TAG_BYTES = 16  # AES-GCM

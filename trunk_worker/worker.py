@@ -18,25 +18,25 @@ from pathlib import Path
 import torch
 import zmq
 
-from shared import checkpoint
-from shared import enrollment
-from shared import keys as keystore
-from shared.adapter_files import adapter_metadata
-from shared.adapters import apply_adapter
-from shared.codec import PlainCodec
-from shared.control_text import PeerIntro, ResumePoint
-from shared.handshake import HelloGuard, accept_hello
-from shared.metrics import RoleMetrics
-from shared.protocol import BROKER_LIVENESS, WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
-from shared.registry import Heartbeat, Registry, retry_redis
-from shared.run_config import ConfigMismatch, claim_line, config_digest, describe, differences, parse_claim, run_config
-from shared.sealed_codec import SealedCodec
-from shared.sealing import SealError
-from shared.silo_directory import SiloDirectory
-from shared.settings import TrunkSettings
-from shared.step_timeline import StepTimeline
-from shared.transport import client_socket
-from shared.wire import FrameError, Message, bundle_from_wire, header_from_wire, split_frames
+from shared.state import checkpoint
+from shared.crypto import enrollment
+from shared.crypto import keys as keystore
+from shared.model.adapter_files import adapter_metadata
+from shared.model.adapters import apply_adapter
+from shared.wire.codec import PlainCodec
+from shared.wire.control_text import PeerIntro, ResumePoint
+from shared.crypto.handshake import HelloGuard, accept_hello
+from shared.runtime.metrics import RoleMetrics
+from shared.wire.protocol import BROKER_LIVENESS, WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
+from shared.state.registry import Heartbeat, Registry, retry_redis
+from shared.state.run_config import ConfigMismatch, claim_line, config_digest, describe, differences, parse_claim, run_config
+from shared.crypto.sealed_codec import SealedCodec
+from shared.crypto.sealing import SealError
+from shared.crypto.silo_directory import SiloDirectory
+from shared.runtime.settings import TrunkSettings
+from shared.runtime.step_timeline import StepTimeline
+from shared.wire.transport import client_socket
+from shared.wire.wire import FrameError, Message, bundle_from_wire, header_from_wire, split_frames
 from trunk_worker.base_model import load_trunk_base
 from trunk_worker.beacon import Beacon
 from trunk_worker.client_batch_steps import ClientBatchSteps

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.cut_defense import clip_token_norms, protect_cut
-from shared.model_split import positions_from_mask
+from shared.model.cut_defense import clip_token_norms, protect_cut
+from shared.model.model_split import positions_from_mask
 from splitfed.audit.cut import HeadBlocks
 
 OnStep = Callable[[int, int, float], None]  # (step, of_steps, loss)

@@ -81,7 +81,7 @@ def invert(model, victims, max_tokens, shadow, cuts, defense_cut, clip_norm, sig
     Progress goes to stderr. The """ + FAST_DEFAULTS_NOTE + "."
     import torch
 
-    from shared.models import resolve_model_dir
+    from shared.model.models import resolve_model_dir
     from splitfed.audit.report import markdown, write_report
     from splitfed.audit.runner import AuditConfig, run_audit
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.model_split import build_part, positions_from_mask
+from shared.model.model_split import build_part, positions_from_mask
 
 
 class HeadBlocks:

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from shared.cut_defense import noise_generator
-from shared.model_split import load_config
-from shared.models import resolve_model_dir
-from shared.tokenizer import load_tokenizer
+from shared.model.cut_defense import noise_generator
+from shared.model.model_split import load_config
+from shared.model.models import resolve_model_dir
+from shared.data.tokenizer import load_tokenizer
 from splitfed.audit.attacks import (
     Defense,
     LearnedInverter,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.bbc import bbc_articles
+from splitfed.experiment.bbc import bbc_articles
 
 VICTIM_TOPICS = ("business", "politics")
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import torch
 
-from shared.adapters import AdapterConfig, apply_adapter, unique_parameters
-from shared.bbc import TOPICS, demo_examples
-from shared.cut_defense import noise_generator
-from shared.data import IGNORE_INDEX, Example, SiloDataset, collate, encode_example
-from shared.loss import causal_lm_loss
-from shared.model_split import build_part, build_silo_parts, positions_from_mask
-from shared.optim import make_optimizer
-from shared.tokenizer import load_tokenizer
+from shared.model.adapters import AdapterConfig, apply_adapter, unique_parameters
+from splitfed.experiment.bbc import TOPICS, demo_examples
+from shared.model.cut_defense import noise_generator
+from shared.data.dataset import IGNORE_INDEX, Example, SiloDataset, collate, encode_example
+from shared.model.loss import causal_lm_loss
+from shared.model.model_split import build_part, build_silo_parts, positions_from_mask
+from shared.model.optim import make_optimizer
+from shared.data.tokenizer import load_tokenizer
 from splitfed.audit.attacks import Defense
 
 OnStep = Callable[[int, int, float], None]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from shared.crypto_bench import CIPHER_NAMES, SIZES, bench_seal_open
+from splitfed.bench.crypto import CIPHER_NAMES, SIZES, bench_seal_open
 
 CRYPTO_SHARE_TARGET = 0.02
 

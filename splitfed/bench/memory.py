@@ -40,8 +40,8 @@ def llama_1b_dir() -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shared.model_split import _tiny_config
-    from shared.models import cache_root
+    from shared.model.model_split import _tiny_config
+    from shared.model.models import cache_root
 
     target = cache_root() / "models" / f"{LLAMA_1B}-random-{LLAMA_1B_VERSION}"
     if (target / "config.json").is_file():
@@ -63,7 +63,7 @@ def llama_1b_dir() -> Path:
 def _model_dir(spec: str) -> Path:
     if spec == LLAMA_1B:
         return llama_1b_dir()
-    from shared.models import resolve_model_dir
+    from shared.model.models import resolve_model_dir
 
     return resolve_model_dir(spec)
 

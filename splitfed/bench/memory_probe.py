@@ -56,7 +56,7 @@ def _total_params(config) -> int:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from shared.families import facts_for
+    from shared.model.families import facts_for
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
@@ -81,11 +81,11 @@ def main() -> None:
 
     import torch
 
-    from shared.adapters import AdapterConfig, apply_adapter, unique_parameters
-    from shared.loss import causal_lm_loss
-    from shared.model_split import build_part, build_silo_parts, load_config, positions_from_mask
-    from shared.optim import make_optimizer
-    from shared.quantize import block_quantizer, release_freed_heap, weight_bytes
+    from shared.model.adapters import AdapterConfig, apply_adapter, unique_parameters
+    from shared.model.loss import causal_lm_loss
+    from shared.model.model_split import build_part, build_silo_parts, load_config, positions_from_mask
+    from shared.model.optim import make_optimizer
+    from shared.model.quantize import block_quantizer, release_freed_heap, weight_bytes
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

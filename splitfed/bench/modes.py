@@ -22,14 +22,14 @@ from pathlib import Path
 import click
 import torch
 
-from shared.data import SiloDataset, collate, load_jsonl
-from shared.loss import causal_lm_loss
-from shared.model_split import positions_from_mask
-from shared.models import resolve_model_dir
-from shared.optim import make_optimizer
-from shared.reference import UnsplitModel
-from shared.settings import ModelSettings
-from shared.tokenizer import load_tokenizer
+from shared.data.dataset import SiloDataset, collate, load_jsonl
+from shared.model.loss import causal_lm_loss
+from shared.model.model_split import positions_from_mask
+from shared.model.models import resolve_model_dir
+from shared.model.optim import make_optimizer
+from splitfed.reference.reference import UnsplitModel
+from shared.runtime.settings import ModelSettings
+from shared.data.tokenizer import load_tokenizer
 
 MODES = ("serial", "client-batch", "hierarchical")
 STEPS_PER_SILO = 3  # of each hierarchical memory run: one round
@@ -147,7 +147,7 @@ def hierarchical_memory(model: str, silo_counts: list[int], tmp: Path, inflight:
 
 
 def _trunk_tensors(model_dir: Path):
-    from shared.model_split import build_part
+    from shared.model.model_split import build_part
 
     return list(build_part(model_dir, "trunk").parameters())
 

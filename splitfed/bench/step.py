@@ -7,7 +7,7 @@ same batch) -- so the two are interleaved step by step and every pair is timed u
 of a shared machine. Both start from the same weights and see the same batches, so their losses
 must agree (fp32 on the wire: to rounding; bf16/fp16: the dtype's effect on the loss, reported).
 
-The split step's parts come from the roles' own per-step timelines (shared/step_timeline.py):
+The split step's parts come from the roles' own per-step timelines (shared/runtime/step_timeline.py):
 the silo's from this process, the trunk's from its Redis hash, written once when it exits.
 """
 
@@ -21,17 +21,17 @@ from pathlib import Path
 import click
 import torch
 
-from shared.data import SiloDataset, load_jsonl
-from shared.loss import causal_lm_loss
-from shared.microbatch import split_batch
-from shared.model_split import load_config, positions_from_mask
-from shared.models import resolve_model_dir
-from shared.optim import make_optimizer
-from shared.protocol import WIRE_DTYPE_BY_NAME
-from shared.reference import UnsplitModel
-from shared.registry import Registry
-from shared.settings import ModelSettings, SiloSettings
-from shared.tokenizer import load_tokenizer
+from shared.data.dataset import SiloDataset, load_jsonl
+from shared.model.loss import causal_lm_loss
+from shared.model.microbatch import split_batch
+from shared.model.model_split import load_config, positions_from_mask
+from shared.model.models import resolve_model_dir
+from shared.model.optim import make_optimizer
+from shared.wire.protocol import WIRE_DTYPE_BY_NAME
+from splitfed.reference.reference import UnsplitModel
+from shared.state.registry import Registry
+from shared.runtime.settings import ModelSettings, SiloSettings
+from shared.data.tokenizer import load_tokenizer
 from splitfed.bench.step_report import summarize
 
 BYTES_TARGET = 1.02  # bytes on the wire per step <= 1.02 x 4*B*T*H*itemsize

@@ -1,4 +1,4 @@
-"""Numbers of `splitfed bench step` from the roles' per-step timelines (shared/step_timeline.py).
+"""Numbers of `splitfed bench step` from the roles' per-step timelines (shared/runtime/step_timeline.py).
 
 The split step's wall time (the silo's, step start to optimizer step) is cut into parts that add
 up to it exactly:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from shared.centralized import centralized_run
-from shared.models import resolve_model_dir
+from splitfed.reference.centralized import centralized_run
+from shared.model.models import resolve_model_dir
 from splitfed.demo.federation_run import DemoConfig
 from splitfed.demo.runner import run_federation
 from splitfed.demo.summary import print_summary

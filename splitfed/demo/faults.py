@@ -1,6 +1,6 @@
 """Fault injection for the demo: `--kill ROLE@STEP` SIGKILLs a role when the run reaches STEP and
 starts it again the way a supervisor (systemd's Restart=on-failure) would. `--kill ROLE@POINT`
-(POINT a name from ``shared.failpoints.POINTS``) starts ROLE with that fail point armed: the role
+(POINT a name from ``shared.runtime.failpoints.POINTS``) starts ROLE with that fail point armed: the role
 stops itself at exactly that place in its code, and is killed and restarted there.
 
 ROLE is broker, trunk (= trunk0) or trunkN, silo0..siloN, or redis (the demo then runs a private
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from shared import failpoints
+from shared.runtime import failpoints
 
 _STEP_LINE = re.compile(rb"round \d+ step (\d+) loss")
 
@@ -28,7 +28,7 @@ _STEP_LINE = re.compile(rb"round \d+ step (\d+) loss")
 class Fault:
     role: str  # a Federation role name, or "redis"
     at_step: int  # -1 for a fail point
-    point: str | None = None  # a fail point name (shared.failpoints)
+    point: str | None = None  # a fail point name (shared.runtime.failpoints)
     killed_at: float | None = None
     killed_step: int | None = None
     recovered_at: float | None = None

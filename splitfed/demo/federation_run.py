@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import certificates, enrollment
-from shared import keys as keystore
-from shared.bbc import demo_examples, split_for_silos
-from shared.registry import Registry
+from shared.crypto import certificates, enrollment
+from shared.crypto import keys as keystore
+from splitfed.experiment.bbc import demo_examples, split_for_silos
+from shared.state.registry import Registry
 
 RUN_TTL_S = 24 * 3600  # the demo's Redis keys stay inspectable for a day, then expire
 
@@ -62,10 +62,10 @@ class DemoConfig:
         }
 
     def run_config(self) -> dict:
-        """The run's reference config (shared/run_config.py): the settings every role gets from
+        """The run's reference config (shared/state/run_config.py): the settings every role gets from
         model_env() (over this environment, as the roles see it), and the mode."""
-        from shared.run_config import RUN_CONFIG_FIELDS, run_config
-        from shared.settings import TrunkSettings  # the class with every run-wide field
+        from shared.state.run_config import RUN_CONFIG_FIELDS, run_config
+        from shared.runtime.settings import TrunkSettings  # the class with every run-wide field
 
         env = self.model_env()
         given = {f: env[f"SPLITFED_{f.upper()}"] for f in RUN_CONFIG_FIELDS if f"SPLITFED_{f.upper()}" in env}

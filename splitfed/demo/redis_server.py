@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import redis
 
-from shared.redis_acl import shown_url
+from shared.state.redis_acl import shown_url
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import click
 from redis import RedisError
 
-from shared.redis_acl import shown_url
-from shared.registry import Registry
-from shared.run_config import meta_fields
+from shared.state.redis_acl import shown_url
+from shared.state.registry import Registry
+from shared.state.run_config import meta_fields
 from splitfed.demo.faults import FaultInjector, armed_env, parse_kills
 from splitfed.demo.federation_run import (
     RUN_TTL_S,

@@ -2,7 +2,7 @@
 
 A run leaves ``<silo>.safetensors`` (head + tail), ``trunk.safetensors`` and, hierarchical,
 ``trunk-<silo>.safetensors`` in its weights directory; the reference returns the same tensors under
-the same file stems and names (shared/centralized.py). Equal losses can hide a wrong last optimizer
+the same file stems and names (splitfed/reference/centralized.py). Equal losses can hide a wrong last optimizer
 step or a wrong last FedAvg (no loss is computed after them): the weights cannot.
 """
 

@@ -11,8 +11,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.bbc import to_classification_example, unique_articles_by_topic, write_jsonl
-from shared.partition import iid_partition, label_counts, label_skew_partition
+from splitfed.experiment.bbc import to_classification_example, unique_articles_by_topic, write_jsonl
+from splitfed.experiment.partition import iid_partition, label_counts, label_skew_partition
 from splitfed.experiment.presets import Preset
 
 PARTITIONS = ("iid", "label-skew")

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from shared.adapters import AdapterConfig
-from shared.data import SiloDataset, load_jsonl
-from shared.loss import causal_lm_loss
-from shared.model_split import positions_from_mask
-from shared.optim import make_optimizer
-from shared.reference import UnsplitModel
-from shared.tokenizer import load_tokenizer
+from shared.model.adapters import AdapterConfig
+from shared.data.dataset import SiloDataset, load_jsonl
+from shared.model.loss import causal_lm_loss
+from shared.model.model_split import positions_from_mask
+from shared.model.optim import make_optimizer
+from splitfed.reference.reference import UnsplitModel
+from shared.data.tokenizer import load_tokenizer
 from splitfed.experiment.presets import Preset
 
 

@@ -18,14 +18,14 @@ from pathlib import Path
 import click
 from transformers.utils import logging as hf_logging
 
-from shared.adapter_files import adapter_metadata, load_split_adapters, save_adapter_file
-from shared.bbc import TOPICS
-from shared.data import Example, load_jsonl
-from shared.evaluation import evaluate, perplexity
-from shared.generation import Sampling
-from shared.models import resolve_model_dir
-from shared.tokenizer import load_tokenizer
-from shared.trained_parts import load_split_model
+from shared.model.adapter_files import adapter_metadata, load_split_adapters, save_adapter_file
+from splitfed.experiment.bbc import TOPICS
+from shared.data.dataset import Example, load_jsonl
+from splitfed.evaluation.evaluation import evaluate, perplexity
+from shared.model.generation import Sampling
+from shared.model.models import resolve_model_dir
+from shared.data.tokenizer import load_tokenizer
+from splitfed.evaluation.trained_parts import load_split_model
 from splitfed.experiment.bbc_data import PARTITIONS, build_task
 from splitfed.experiment.centralized_arm import lora_config, train_centralized
 from splitfed.experiment.federated_arm import run_federation

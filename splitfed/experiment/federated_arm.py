@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.registry import Registry
-from shared.run_config import meta_fields
+from shared.state.registry import Registry
+from shared.state.run_config import meta_fields
 from splitfed.demo.federation_run import (
     RUN_TTL_S,
     DemoConfig,

@@ -1,0 +1,1 @@
+"""A silo's data: tokenizers, JSONL examples, label masking, padding and batching."""

@@ -1,0 +1,1 @@
+"""Run state kept on the server side: the Redis registry, round checkpoints, durable files, the run config."""

@@ -1,0 +1,1 @@
+"""The wire: message kinds and limits, the binary header and tensor frames, codecs, sockets."""

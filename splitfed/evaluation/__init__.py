@@ -1,0 +1,1 @@
+"""Evaluating a trained adapter: parts in one process, generation metrics, the PEFT directory format."""
