@@ -13,62 +13,57 @@ at most once a heartbeat period). A silo has one connection, to the broker: no R
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import secrets
 import signal
-import socket
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
-import zmq
-from safetensors.torch import save_file
 
-from shared.state import checkpoint
 from shared.crypto import keys as keystore
-from shared.state.atomic_files import atomic_path
-from shared.model.adapters import adapter_state_dict, apply_adapter, unique_parameters
-from shared.wire.codec import PlainCodec
-from shared.wire.control_text import MAX_REJECTED_REASONS, PeerIntro, SiloReport
-from shared.model.cut_defense import CutDefenseConfig, protect_cut_with
+from shared.crypto.peer_keys import HandedKeys
+from shared.crypto.sealed_codec import SealedCodec
 from shared.data.dataset import SiloDataset, load_jsonl
-from shared.crypto.handshake import make_hello
+from shared.data.tokenizer import load_tokenizer
+from shared.model.adapters import apply_adapter, unique_parameters
+from shared.model.cut_defense import CutDefenseConfig, protect_cut_with
 from shared.model.loss import causal_lm_loss
-from shared.runtime.metrics import RoleMetrics
 from shared.model.model_split import build_silo_parts, positions_from_mask
 from shared.model.optim import make_optimizer
-from shared.crypto.peer_keys import HandedKeys
-from shared.wire.protocol import WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
-from shared.crypto.registration import sign_registration
-from shared.state.run_config import ConfigMismatch, claim_line, config_digest, run_config
-from shared.crypto.sealed_codec import SealedCodec
-from shared.crypto.sealing import SealError
+from shared.runtime.metrics import RoleMetrics
 from shared.runtime.settings import SiloSettings
 from shared.runtime.step_timeline import StepTimeline
-from shared.data.tokenizer import load_tokenizer
-from shared.wire.transport import client_socket
-from shared.wire.wire import FrameError, Message
+from shared.state import checkpoint
+from shared.state.run_config import run_config
+from shared.wire.broker_liveness import BrokerLiveness
+from shared.wire.codec import PlainCodec
+from shared.wire.peer_link import BrokerLink
+from shared.wire.protocol import WIRE_DTYPE_BY_NAME, Kind
+from shared.wire.wire import Message
 from silo_agent.aggregation import RoundAggregation
-from silo_agent.broker_liveness import BrokerLiveness
 from silo_agent.generation import generate_live
 from silo_agent.microbatch import run_microbatched_step
-from silo_agent.peer_errors import IdentityTaken, PeerError, Reregister, Retry, Rollback, Straggler, resume_round  # noqa: F401
+from silo_agent.peer_errors import PeerError, Reregister, Retry, Rollback, Straggler
+from silo_agent.registration import SiloRegistration
+from silo_agent.replies import SiloReplies
+from silo_agent.round_state import SiloRounds
 
 log = logging.getLogger("silo")
 
 MAX_STEP_ATTEMPTS = 3
 
 
-class SiloAgent:
+class SiloAgent(SiloRegistration, SiloRounds):
+    """One silo: its training loop and step here; registration and reports in
+    silo_agent/registration.py, round checkpoints and results in silo_agent/round_state.py, what it
+    waits for in silo_agent/replies.py, the connection itself in shared/wire/peer_link.py."""
+
     def __init__(self, settings: SiloSettings, model_dir: Path) -> None:
         if settings.data is None:
             raise ValueError("a silo needs training data: --data FILE.jsonl (or SPLITFED_DATA)")
         self.settings = settings
-        self.rejected: Counter[str] = Counter()  # frames refused since the last report
         self._reported_at = 0.0
         self.wire_dtype = WIRE_DTYPE_BY_NAME[settings.wire_dtype]
         tokenizer = load_tokenizer(model_dir)
@@ -94,10 +89,12 @@ class SiloAgent:
         self.codec = self._make_codec(settings)
         self.timeline = StepTimeline(self.codec, self.metrics)  # per-step parts, for `bench step`
         self.crypto_s = 0.0
-        self.ctx = zmq.Context.instance()
-        self.sock = client_socket(self.ctx, settings.silo_id, settings.broker_frontend, settings.curve, settings.curve_cert,
-                                  settings.curve_broker_key)
-        self.broker = BrokerLiveness(settings.heartbeat_s, settings.broker_timeout_s, settings.broker_frontend)
+        liveness = BrokerLiveness(settings.heartbeat_s, settings.broker_timeout_s, settings.broker_frontend,
+                                  give_up=PeerError)
+        self.link = BrokerLink(settings.silo_id, settings.run_id, settings.broker_frontend, self.codec, self.metrics,
+                               self.timeline, liveness, settings.curve, settings.curve_cert, settings.curve_broker_key)
+        replies = SiloReplies(self.link, settings)
+        self.await_reply, self.await_match = replies.await_reply, replies.await_match
         self.aggregation = RoundAggregation(
             settings.silo_id, settings.run_id, trainable, self.dataset.num_examples,
             HandedKeys(settings.run_id, settings.operator_fingerprint),
@@ -115,35 +112,6 @@ class SiloAgent:
                              "(the operator's `splitfed keys fingerprint DIR` prints it)")
         self.keys = keystore.load_silo_keys(settings.keys_dir)
         return SealedCodec(settings.max_tensor_bytes)
-
-    def _handshake(self, rnd: int, step: int) -> None:
-        """A fresh session key each round: a leaked key exposes one round at most."""
-        s = self.settings
-        # The trunk accepts only hellos signed later than the last one it accepted: keep this
-        # process's timestamps strictly increasing even if the wall clock steps back.
-        self._hello_ns = max(time.time_ns(), self._hello_ns + 1)
-        # The run config's digest is signed into the hello, so the trunk checks our settings itself.
-        hello, pending = make_hello(self.keys, s.silo_id, s.run_id, rnd, cipher=s.cipher, now_ns=self._hello_ns,
-                                    max_tensor_bytes=s.max_tensor_bytes, config_digest=config_digest(self.run_config))
-        self.send(Message(Kind.HELLO, s.run_id, s.silo_id, rnd, step,
-                           tensors=[torch.frombuffer(bytearray(hello), dtype=torch.uint8)],
-                           text=claim_line(self.run_config)))
-        for _ in range(3):
-            ack = self.await_reply(Kind.HELLO_ACK, step)
-            try:
-                # Raises SealError("fingerprint_mismatch") unless the trunk holds the key pinned in our settings.
-                session = pending.complete_ack(bytes(ack.tensors[0].numpy()), s.trunk_fingerprint)
-                break
-            except SealError as exc:
-                if exc.reason != "bad_ack":
-                    raise
-                # An ack of an earlier hello of ours (e.g. replayed to a restarted trunk) can still be
-                # in flight: it fails key confirmation. Wait for the one that answers this hello.
-                log.warning("ignoring a HELLO_ACK that does not confirm this hello")
-        else:
-            raise PeerError("no HELLO_ACK confirmed this round's hello")
-        self.codec.sessions.add(session)
-        log.info("round %d: session established with trunk %s", rnd, s.trunk_fingerprint[:23])
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, between_steps=None) -> int:
@@ -193,7 +161,7 @@ class SiloAgent:
             self.report(status="failed")
             raise
         finally:
-            self.sock.close(linger=1000)  # the last report and DISCONNECT leave before we exit
+            self.link.close(linger_ms=1000)  # the last report and DISCONNECT leave before we exit
         self._write_results(time.perf_counter() - started)
         return 0
 
@@ -202,105 +170,6 @@ class SiloAgent:
         if self._stopping:
             raise SystemExit(143)
         self._stopping = True
-
-    # ------------------------------------------------------------------ rounds, checkpoints, recovery
-    @property
-    def _checkpoints(self) -> Path:
-        return self.settings.checkpoint_dir / self.settings.silo_id
-
-    def _end_round(self, rnd: int) -> None:
-        """The round barrier (and FedAvg), then this silo's checkpoint of the round."""
-        self.aggregation.run(rnd)
-        if self.settings.checkpoint_dir is not None:
-            self._save_checkpoint(rnd)
-        self.send(Message(Kind.CHECKPOINTED, self.settings.run_id, self.settings.silo_id, rnd))
-
-    def _save_checkpoint(self, rnd: int) -> None:
-        tensors = {f"param/{i}": p for i, p in enumerate(self.trainable)}
-        tensors.update(checkpoint.optimizer_tensors(self.optimizer))
-        checkpoint.save(self._checkpoints, rnd, tensors, {"round": rnd, "history": self.history})
-
-    def _resume(self, rnd: int) -> int:
-        """Load the checkpoint of round ``rnd`` (-1: the initial state); return the next step."""
-        s = self.settings
-        first = (rnd + 1) * s.local_steps
-        if rnd == -1 and not self.history:
-            return 0  # nothing trained yet: the fresh state is the initial state
-        if s.checkpoint_dir is None:
-            raise PeerError(f"the run rolls back to round {rnd}, but this silo keeps no checkpoints "
-                            "(start it with --checkpoint-dir)")
-        loaded = checkpoint.load(self._checkpoints, rnd)
-        if loaded is None:
-            # Rounds went on without this silo (it was away): rejoin at the next round with the
-            # newest weights it has; the next aggregation brings it up to date.
-            older = [r for r in checkpoint.rounds_on_disk(self._checkpoints) if r < rnd]
-            if not older:
-                raise PeerError(f"no checkpoint of round {rnd} (or older) in {self._checkpoints}")
-            log.warning("no checkpoint of round %d: rejoining with this silo's round %d weights", rnd, older[-1])
-            loaded = checkpoint.load(self._checkpoints, older[-1])
-        tensors, meta = loaded
-        with torch.no_grad():
-            for i, p in enumerate(self.trainable):
-                p.copy_(tensors[f"param/{i}"])
-        checkpoint.load_optimizer_tensors(self.optimizer, tensors)
-        self._zero_grad()
-        self.history = meta.get("history", [])
-        log.info("resumed from the checkpoint of round %d: next step %d", rnd, first)
-        return first
-
-    def report(self, **fields) -> None:
-        """PROGRESS to the broker, which records it in Redis: ``fields`` and the latest step, and the
-        frames refused since the last report. Best effort: monitoring never stops training."""
-        s = self.settings
-        # within what the broker accepts of a report (shared/wire/control_text.py), or it refuses it whole
-        rejected = {reason[:32]: min(n, 2**31 - 1) for reason, n in self.rejected.most_common(MAX_REJECTED_REASONS)}
-        report = SiloReport({**self._progress_fields(), **fields}, rejected)
-        try:
-            self.send(Message(Kind.PROGRESS, s.run_id, s.silo_id, text=report.to_text()))
-        except zmq.ZMQError as exc:
-            log.warning("could not report progress to the broker: %s", exc)
-            return
-        self.rejected.clear()
-        self._reported_at = time.monotonic()
-
-    def _progress_fields(self) -> dict:
-        """The latest step for `splitfed status` and the demo (empty before the first step)."""
-        done = [h for h in self.history if not h.get("skipped")]
-        if not self.settings.report_loss or not done:
-            return {}
-        last = done[-1]
-        return {"round": last["round"], "step": last["step"], "loss": f"{last['loss']:.6f}",
-                "updated_at": f"{time.time():.3f}"}
-
-    def _register(self) -> int:
-        """READY until accepted. After a restart the broker may still hold our old connection:
-        it frees the id once that one has been silent for liveness_ttl_s, so retry with back-off."""
-        s = self.settings
-        delay, deadline = 0.25, time.monotonic() + 3 * s.liveness_ttl_s
-        while True:
-            token = []
-            if isinstance(self.codec, SealedCodec):  # prove we hold the enrolled identity
-                raw = sign_registration(self.keys, s.run_id, s.silo_id)
-                token = [torch.frombuffer(bytearray(raw), dtype=torch.uint8)]
-            self.send(Message(Kind.READY, s.run_id, s.silo_id, tensors=token,
-                               text=PeerIntro(self.incarnation, claim_line(self.run_config)).to_text()))
-            try:
-                ack = self.await_reply(Kind.READY, step=0)
-                break
-            except (Reregister, Rollback) as exc:
-                # Replies to what we sent before this READY (e.g. heartbeats to a restarted broker):
-                # the READY's own answer says where to resume. Say READY again, at most twice a second.
-                log.info("while registering: %s", exc)
-                time.sleep(0.5)
-            except IdentityTaken:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.info("the broker still holds %s's previous connection; retrying in %.2fs", s.silo_id, delay)
-                time.sleep(delay)
-                delay *= 2
-        log.info("silo %s registered with the broker (%d examples)", s.silo_id, self.dataset.num_examples)
-        self.report(samples=len(self.dataset), steps=s.steps, pid=os.getpid(), host=socket.gethostname()[:128])
-        return resume_round(ack.text)
 
     # ------------------------------------------------------------------ one training step
     def train_step(self, step: int) -> float:
@@ -372,80 +241,13 @@ class SiloAgent:
                 extra={"silo": s.silo_id, "round": rnd, "step": step, "loss": value})
         return value
 
-    # ------------------------------------------------------------------ messaging
+    # ------------------------------------------------------------------ messaging (silo_agent/replies.py)
     def send(self, msg: Message) -> None:
-        frames = self.codec.encode(msg)
-        with self.timeline.io():
-            self.sock.send_multipart(frames, copy=False)
-        self.metrics.sent(frames)
+        self.link.send(msg)
 
-    def await_reply(self, kind: Kind, step: int) -> Message:
-        """Wait for ``kind`` of ``step``; stale or malformed replies are dropped, ERROR raises."""
-        return self.await_match(lambda m: m.kind == kind and (kind == Kind.READY or m.step == step),
-                                 f"{kind.name} for step {step}", step)
-
-    def await_match(self, wanted, what: str, step: int | None = None) -> Message:
-        s = self.settings
-        deadline = time.monotonic() + s.step_timeout_s
-        while True:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                raise PeerError(f"no {what} within {s.step_timeout_s:.0f}s "
-                                f"(is the broker at {s.broker_frontend} up, with a trunk worker?)")
-            waited = time.monotonic()
-            with self.timeline.io():
-                ready = self.sock.poll(min(left_ms, int(self.broker.interval_s * 1000)))
-            if not ready:
-                self.broker.silent_for(time.monotonic() - waited)  # raises PeerError past broker_timeout_s
-                # Waiting for our turn: tell the broker this connection is alive.
-                self.send(Message(Kind.HEARTBEAT, s.run_id, s.silo_id))
-                continue
-            with self.timeline.io():
-                frames = self.sock.recv_multipart(copy=False)
-            self.broker.heard()
-            self.metrics.received(frames)
-            try:
-                msg = self.codec.decode([f.buffer for f in frames])
-            except FrameError as exc:
-                self.rejected[exc.reason] += 1
-                self.metrics.rejected(exc.reason)
-                log.warning("rejected frame from the broker: %s", exc)
-                continue
-            if msg.kind == Kind.HEARTBEAT:  # the broker's: it is alive
-                continue
-            if msg.kind == Kind.ROLLBACK:
-                raise Rollback(msg.text)
-            if msg.kind == Kind.ERROR:
-                error = ErrorReason.from_text(msg.text)
-                if error.code == Reason.CONFIG_MISMATCH:  # the broker or the trunk: our settings differ
-                    raise ConfigMismatch(f"config mismatch with the run: {error.detail}")
-                if error.code == Reason.REGISTER:
-                    raise Reregister(msg.text)
-                if error.code == Reason.IDENTITY_TAKEN:
-                    raise IdentityTaken(f"step {msg.step} refused: {msg.text}")
-                if error.code == Reason.STRAGGLER and msg.step == step:
-                    raise Straggler(msg.text)
-                if error.code == Reason.RETRY and step is not None:
-                    raise Retry(msg.text)
-                raise PeerError(f"step {msg.step} refused: {msg.text}")
-            if wanted(msg):
-                return msg
-            log.warning("dropped unexpected %s (round %d step %d) while waiting for %s", msg.kind.name, msg.round, msg.step, what)
-
-    # ------------------------------------------------------------------ results
-    def _write_results(self, wall_s: float) -> None:
-        s = self.settings
-        if s.save_dir is not None:
-            s.save_dir.mkdir(parents=True, exist_ok=True)
-            tensors = {**adapter_state_dict(self.head), **adapter_state_dict(self.tail)}
-            tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
-            _atomic(s.save_dir / f"{s.silo_id}.safetensors", lambda p: save_file(tensors, str(p)))
-        if s.results is not None:
-            crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
-            doc = {"silo_id": s.silo_id, "silo_index": s.silo_index, "steps": self.history, "wall_s": wall_s,
-                   "encryption": isinstance(self.codec, SealedCodec), "crypto_s": crypto_s,
-                   "timeline": list(self.timeline.rows)}
-            _atomic(s.results, lambda p: p.write_text(json.dumps(doc, indent=1)))
+    @property
+    def sock(self):
+        return self.link.sock
 
 
 def _progress_bar(total: int, silo_id: str):
@@ -456,9 +258,3 @@ def _progress_bar(total: int, silo_id: str):
 
     return tqdm(total=total, desc=silo_id, unit="step", dynamic_ncols=True)
 
-
-def _atomic(path: Path, write) -> None:
-    """Write to a temporary name, fsync and rename, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        write(tmp)

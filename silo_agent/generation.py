@@ -35,9 +35,7 @@ class RemoteTrunk:
         s = self.agent.settings
         msg = Message(Kind.GENERATE, s.run_id, s.silo_id, self.round_no, self.step,
                       tensors=[hidden.to(self.agent.wire_dtype), mask.to(torch.uint8), positions.to(torch.int32)])
-        frames = self.agent.codec.encode(msg)
-        self.agent.sock.send_multipart(frames, copy=False)
-        self.agent.metrics.sent(frames)
+        frames = self.agent.link.send(msg)
         reply = self.agent.await_reply(Kind.GENERATE_RESULT, self.step)
         h2 = reply.tensors[0]
         if h2.shape != hidden.shape:

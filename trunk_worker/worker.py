@@ -13,36 +13,35 @@ import secrets
 import signal
 import threading
 import time
-from pathlib import Path
 
-import torch
 import zmq
 
-from shared.state import checkpoint
 from shared.crypto import enrollment
 from shared.crypto import keys as keystore
-from shared.model.adapter_files import adapter_metadata
-from shared.model.adapters import apply_adapter
-from shared.wire.codec import PlainCodec
-from shared.wire.control_text import PeerIntro, ResumePoint
-from shared.crypto.handshake import HelloGuard, accept_hello
-from shared.runtime.metrics import RoleMetrics
-from shared.wire.protocol import BROKER_LIVENESS, WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
-from shared.state.registry import Heartbeat, Registry, retry_redis
-from shared.state.run_config import ConfigMismatch, claim_line, config_digest, describe, differences, parse_claim, run_config
+from shared.crypto.handshake import HelloGuard
 from shared.crypto.sealed_codec import SealedCodec
-from shared.crypto.sealing import SealError
 from shared.crypto.silo_directory import SiloDirectory
+from shared.model.adapters import apply_adapter
+from shared.runtime.metrics import RoleMetrics
 from shared.runtime.settings import TrunkSettings
 from shared.runtime.step_timeline import StepTimeline
-from shared.wire.transport import client_socket
+from shared.state import checkpoint
+from shared.state.registry import Heartbeat, Registry, retry_redis
+from shared.state.run_config import ConfigMismatch, run_config
+from shared.wire.broker_liveness import BrokerLiveness
+from shared.wire.codec import PlainCodec
+from shared.wire.control_text import ResumePoint
+from shared.wire.peer_link import BrokerLink
+from shared.wire.protocol import WIRE_DTYPE_BY_NAME, ErrorReason, Kind, Reason
 from shared.wire.wire import FrameError, Message, bundle_from_wire, header_from_wire, split_frames
 from trunk_worker.base_model import load_trunk_base
 from trunk_worker.beacon import Beacon
 from trunk_worker.client_batch_steps import ClientBatchSteps
 from trunk_worker.generation import TrunkGenerations
 from trunk_worker.hierarchical_steps import HierarchicalSteps
+from trunk_worker.recovery import TrunkRecovery
 from trunk_worker.serial_steps import RunnerContext, SerialSteps, TrunkModel
+from trunk_worker.sessions import TrunkSessions
 from trunk_worker.step_error import StepError
 
 log = logging.getLogger("trunk")
@@ -50,7 +49,11 @@ log = logging.getLogger("trunk")
 POLL_MS = 100
 
 
-class TrunkWorker:
+class TrunkWorker(TrunkSessions, TrunkRecovery):
+    """One trunk worker: its loop and message handling here; the silos' sessions in
+    trunk_worker/sessions.py, checkpoints and restore in trunk_worker/recovery.py, the connection
+    in shared/wire/peer_link.py, what a step does in the mode's runner."""
+
     def __init__(self, settings: TrunkSettings, registry: Registry, model_dir) -> None:
         self.settings = settings
         self.registry = registry
@@ -60,8 +63,6 @@ class TrunkWorker:
                                 wire_dtype=WIRE_DTYPE_BY_NAME[settings.wire_dtype])
         self.generations = TrunkGenerations(trunk, device, self.model.wire_dtype, compute_dtype=self.model.compute_dtype)
         self.accepted_hellos: dict[str, bytes] = {}
-        self.heard_at = time.monotonic()  # the broker heartbeats us every heartbeat_s
-        self.broker_down = False
         self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
         self.run_config = run_config(settings)  # what READY claims and silos' HELLOs must agree with
         self._stopping = False
@@ -76,8 +77,10 @@ class TrunkWorker:
                                                            self.metrics), self.keys)
         self._handlers = self._message_handlers()
         self.ctx = zmq.Context.instance()
-        self.sock = client_socket(self.ctx, settings.worker_id, settings.broker_backend, settings.curve, settings.curve_cert,
-                                  settings.curve_broker_key)
+        # A worker never gives up on a silent broker (timeout None): it serves whoever comes back.
+        liveness = BrokerLiveness(settings.heartbeat_s, None, settings.broker_backend)
+        self.link = BrokerLink(settings.worker_id, settings.run_id, settings.broker_backend, self.codec, self.metrics,
+                               self.timeline, liveness, settings.curve, settings.curve_cert, settings.curve_broker_key)
 
     def _make_codec(self, settings: TrunkSettings, registry: Registry):
         if not settings.encryption:
@@ -115,17 +118,11 @@ class TrunkWorker:
         try:
             while not self._stopping:
                 if time.monotonic() >= next_beat:  # the broker learns we are alive, and we learn
-                    self._send(Message(Kind.HEARTBEAT, s.run_id, s.worker_id))  # if it forgot us
+                    self.link.heartbeat()  # if it forgot us
                     next_beat = time.monotonic() + s.heartbeat_s
-                if not self.sock.poll(POLL_MS):
-                    self._broker_silence()
-                else:
-                    self._broker_heard()
+                if self.link.wait(POLL_MS, socket_time=False):
                     with self.timeline.busy():
-                        with self.timeline.io():
-                            frames = self.sock.recv_multipart(copy=False)
-                        self.metrics.received(frames)
-                        self.handle([f.buffer for f in frames])
+                        self.handle(self.link.receive())
                     self.metrics.queue_depth(len(self.pending))
                 self.steps.poll()
         finally:
@@ -139,30 +136,12 @@ class TrunkWorker:
                                  crypto_s=f"{crypto_s:.6f}",
                                  peak_rss_mb=f"{peak_mb:.1f}", timeline=self.timeline.to_json())
             self.registry.leave("trunk", s.worker_id, status="stopped")
-            self.sock.close()
+            self.link.close()
         log.info("trunk worker stopped after %d updates", self.updates)
         return 0
 
     def _start_beacon(self) -> Beacon:
         return Beacon(self.ctx, self.settings).start()
-
-    def _broker_silence(self) -> None:
-        """Say once that the broker looks down. ZeroMQ reconnects by itself with back-off, and a
-        restarted broker answers our next heartbeat with "register"."""
-        silent_s = time.monotonic() - self.heard_at
-        if not self.broker_down and silent_s >= BROKER_LIVENESS * self.settings.heartbeat_s:
-            self.broker_down = True
-            log.warning("the broker has been silent for %.1fs (%d heartbeats): it looks down; waiting for it",
-                        silent_s, BROKER_LIVENESS, extra={"reason": "broker_silent"})
-
-    def _broker_heard(self) -> None:
-        if self.broker_down:
-            log.warning("the broker answers again after %.1fs", time.monotonic() - self.heard_at)
-        self.heard_at, self.broker_down = time.monotonic(), False
-
-    def _save_adapters(self, directory: Path) -> None:
-        """The trunk's adapter(s) for `splitfed eval` / `splitfed export` (the runner knows which)."""
-        self.steps.save_adapters(directory, adapter_metadata(self.settings.adapter_config(), "trunk"))
 
     @property
     def updates(self) -> int:
@@ -253,43 +232,6 @@ class TrunkWorker:
         if h.kind != Kind.ERROR and h.run_id == self.settings.run_id:
             self._send(Message(Kind.ERROR, h.run_id, h.silo_id, h.round, h.step, text=reason.to_text()))
 
-    def hello(self, msg: Message) -> Message | None:
-        """A silo's handshake for this round: verify it against the allow-list, keep the session."""
-        if not isinstance(self.codec, SealedCodec):
-            raise StepError("encryption_off", "this trunk runs without encryption; start the silo with --encryption false")
-        raw = bytes(msg.tensors[0].numpy())
-        if self.accepted_hellos.get(msg.silo_id) == raw:
-            return None  # the same hello again (replayed to us by the broker): the session stands
-        session = accept_hello(
-            raw, self.keys, lambda silo: retry_redis(self.directory.lookup, silo),
-            self.settings.run_id, allowed_ciphers=(self.settings.cipher,), guard=self.hello_guard,
-            sender_slot=self.sender_slot, max_tensor_bytes=self.settings.max_tensor_bytes,
-            config_digest=self._hello_config_digest(msg))
-        if (session.silo_id, session.round) != (msg.silo_id, msg.round):
-            raise SealError("wrong_session", "hello contents do not match its header")
-        self.codec.sessions.add(session)
-        self.accepted_hellos[msg.silo_id] = raw
-        log.info("session with %s for round %d (%s)", session.silo_id, session.round, session.cipher)
-        ack = torch.frombuffer(bytearray(session.ack()), dtype=torch.uint8)
-        return Message(Kind.HELLO_ACK, msg.run_id, msg.silo_id, msg.round, msg.step, tensors=[ack])
-
-    def _hello_config_digest(self, msg: Message) -> str | None:
-        """The run config digest a silo's hello must be signed over: the fields it claims (in the
-        HELLO's text), with THIS trunk's values, so a claim altered on the way fails the signature.
-        None: the silo claims nothing (its signature then covers no digest)."""
-        try:
-            claim = parse_claim(msg.text)
-        except ValueError as exc:
-            raise StepError("bad_config", str(exc)) from None
-        if claim is None:
-            return None
-        _, theirs = claim
-        if diffs := differences(self.run_config, theirs):
-            raise StepError("config_mismatch", describe(diffs, "trunk", "silo"))
-        if unknown := sorted(set(theirs) - set(self.run_config)):
-            raise StepError("config_mismatch", f"{', '.join(unknown)}: not a setting of this trunk")
-        return config_digest({k: self.run_config[k] for k in theirs})
-
     # ------------------------------------------------------------------ client-batch
     def bundle(self, frames: list) -> None:
         """Open each member (a bad one is refused alone), then the runner runs them as one trunk batch."""
@@ -315,9 +257,7 @@ class TrunkWorker:
 
     # ------------------------------------------------------------------ registration and recovery
     def _register(self) -> None:
-        s = self.settings
-        self._send(Message(Kind.READY, s.run_id, s.worker_id,
-                           text=PeerIntro(self.incarnation, claim_line(self.run_config)).to_text()))
+        self.link.register(self.incarnation, self.run_config)
 
     def _on_sigterm(self, *_: object) -> None:
         """First SIGTERM: stop after the message in hand. Second: stop now. (Counted apart from
@@ -327,37 +267,12 @@ class TrunkWorker:
             raise SystemExit(143)
         self._stopping = True
 
-    @property
-    def _checkpoints(self) -> Path:
-        return self.settings.checkpoint_dir / self.settings.worker_id
-
-    def _save_checkpoint(self, rnd: int) -> None:
-        self.steps.save_checkpoint(self._checkpoints, rnd)
-
-    def restore(self, rnd: int) -> None:
-        """Go back to the end of round ``rnd`` (-1: the initial state): a role restarted."""
-        self.steps.clear()
-        if rnd == -1 and self.updates == 0:
-            return  # nothing applied yet: this is the initial state
-        if self.settings.checkpoint_dir is None:
-            log.error("asked to resume from round %d but this worker keeps no checkpoints (--checkpoint-dir)", rnd)
-            return
-        try:
-            updates = self.steps.load_checkpoint(self._checkpoints, rnd)
-        except ValueError as exc:  # a checkpoint of another layout: say so, keep serving
-            log.error("cannot resume from round %d: %s", rnd, exc)
-            return
-        if updates is None:
-            log.error("no checkpoint of round %d in %s: cannot resume exactly", rnd, self._checkpoints)
-            return
-        self.steps.updates = updates
-        log.info("resumed from the checkpoint of round %d (%d updates)", rnd, updates)
-
     def _send(self, msg: Message) -> None:
-        frames = self.codec.encode(msg)
-        with self.timeline.io():
-            self.sock.send_multipart(frames, copy=False)
-        self.metrics.sent(frames)
+        self.link.send(msg)
+
+    @property
+    def sock(self):
+        return self.link.sock
 
 
 def _resume_round(text: str | None) -> int:
