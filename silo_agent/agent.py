@@ -103,7 +103,7 @@ class SiloAgent(SiloRegistration, SiloRounds):
     def _make_codec(self, settings: SiloSettings):
         if not settings.encryption:
             log.warning("encryption is OFF: this silo's activations cross the network in the clear")
-            return PlainCodec(settings.max_tensor_bytes)
+            return PlainCodec(settings.max_tensor_bytes, settings.wire_dtype, settings.wire_chunk_bytes)
         if settings.keys_dir is None:
             raise ValueError("encryption is on: pass --keys-dir with this silo's keys "
                              "(`splitfed keys gen --role silo --out DIR`, then enroll them)")
@@ -111,7 +111,7 @@ class SiloAgent(SiloRegistration, SiloRounds):
             raise ValueError("encryption is on: pin the trunk service key with --trunk-fingerprint sha256:... "
                              "(the operator's `splitfed keys fingerprint DIR` prints it)")
         self.keys = keystore.load_silo_keys(settings.keys_dir)
-        return SealedCodec(settings.max_tensor_bytes)
+        return SealedCodec(settings.max_tensor_bytes, settings.wire_dtype, settings.wire_chunk_bytes)
 
     # ------------------------------------------------------------------ lifecycle
     def run(self, between_steps=None) -> int:

@@ -178,7 +178,7 @@ def test_unknown_dtype_code():
 
 
 def test_oversized_tensor_is_refused_before_allocation():
-    desc = TENSOR_DESC.pack(int(WireDtype.FLOAT32), 3, 1 << 20, 1 << 20, 1 << 10, 0)
+    desc = TENSOR_DESC.pack(int(WireDtype.FLOAT32), 3, 0, 1 << 20, 1 << 20, 1 << 10, 0)
     head = bytearray(good_frames()[0])
     head[HEADER.size : HEADER.size + TENSOR_DESC.size] = desc
     rejected([bytes(head), b"", b"", b""], "too_large")

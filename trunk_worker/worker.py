@@ -85,7 +85,7 @@ class TrunkWorker(TrunkSessions, TrunkRecovery):
     def _make_codec(self, settings: TrunkSettings, registry: Registry):
         if not settings.encryption:
             log.warning("encryption is OFF: activations and gradients cross the network in the clear")
-            return PlainCodec(settings.max_tensor_bytes)
+            return PlainCodec(settings.max_tensor_bytes, settings.wire_dtype, settings.wire_chunk_bytes)
         if settings.keys_dir is None:
             raise ValueError("encryption is on: pass --keys-dir with the trunk service key "
                              "(make one with `splitfed keys gen --role trunk --out DIR`)")
@@ -95,7 +95,7 @@ class TrunkWorker(TrunkSessions, TrunkRecovery):
         self.sender_slot = enrollment.claim_sender_slot(registry)
         self.hello_guard = HelloGuard()
         log.info("trunk service key %s", keystore.display_fingerprint(self.keys.fingerprint))
-        return SealedCodec(settings.max_tensor_bytes)
+        return SealedCodec(settings.max_tensor_bytes, settings.wire_dtype, settings.wire_chunk_bytes)
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:

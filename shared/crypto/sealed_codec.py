@@ -11,6 +11,9 @@ import time
 from collections.abc import Sequence
 
 from shared.wire.buffers import BufferPool
+from shared.wire.chunks import DEFAULT_CHUNK_BYTES, check_chunk_bytes
+from shared.wire.codec import check_wire_dtype
+from shared.wire.compression import compress_message
 from shared.wire.protocol import Kind
 from shared.crypto.sealing import SealError, Session, open_message, seal_message
 from shared.wire.wire import Message, SplitMessage, message_from_wire, message_to_wire, split_frames
@@ -50,10 +53,16 @@ class SessionTable:
 
 
 class SealedCodec:
-    """Seals data messages with the session of (msg.silo_id, msg.round); opens likewise."""
+    """Seals data messages with the session of (msg.silo_id, msg.round); opens likewise.
 
-    def __init__(self, max_tensor_bytes: int) -> None:
+    ``wire_dtype``: int8 / fp8-* quantize each data message's hidden tensor before it is sealed
+    (values and scales are both sealed payloads); ``chunk_bytes``: larger tensors are sealed in
+    chunks (shared/wire/codec.py says more)."""
+
+    def __init__(self, max_tensor_bytes: int, wire_dtype: str = "fp32", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.max_tensor_bytes = max_tensor_bytes
+        self.wire_dtype = check_wire_dtype(wire_dtype)
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.sessions = SessionTable()
         # One pool per direction: ciphertexts we send, plaintexts we open (see shared/wire/buffers.py for
         # why a buffer still held by ZeroMQ or by an autograd graph is never reused).
@@ -65,9 +74,10 @@ class SealedCodec:
     def encode(self, msg: Message) -> list:
         t0 = time.perf_counter()
         if msg.kind in CLEAR_KINDS:
-            frames = message_to_wire(msg)
+            frames = message_to_wire(msg, chunk_bytes=self.chunk_bytes)
         else:
-            frames = seal_message(self.sessions.get(msg.silo_id, msg.round), msg, self.send_buffers.take)
+            frames = seal_message(self.sessions.get(msg.silo_id, msg.round), compress_message(msg, self.wire_dtype),
+                                  self.send_buffers.take, self.chunk_bytes)
         self.encode_s += time.perf_counter() - t0
         return frames
 

@@ -20,7 +20,10 @@ session key, so each must use its own slot (``shared.crypto.enrollment.claim_sen
     direction label (3 bytes: b"S>T" or b"T>S") + payload index (1 byte) + seq (u64 LE)
 
 Each direction also has its own key. The payload index in the nonce binds each payload to its
-position: swapped payloads fail the tag. The receiver keeps a replay window per sender slot
+position: swapped payloads fail the tag. A payload larger than the sender's chunk size
+(shared/wire/chunks.py) is sealed chunk by chunk, each chunk with its own nonce and associated data
+that name its payload, index and the chunk count (shared/crypto/frame_units.py), and opened
+straight into its slice of one buffer. The receiver keeps a replay window per sender slot
 (``replay_window`` counters, default 64): duplicates and counters older than the window fail with
 "replay". Window state changes only after a frame authenticates, so forgeries cannot burn
 counters.
@@ -52,7 +55,11 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from shared.crypto.frame_units import sealed_frame_sizes, sealed_nbytes, units
 from shared.crypto.keys import MAX_SLOTS, fingerprint
+from shared.crypto.replay import ReplayWindow  # noqa: F401  (re-exported: part of this module's API)
+from shared.wire.chunks import DEFAULT_CHUNK_BYTES, Chunks
+from shared.wire.compression import expand_tensors
 from shared.wire.protocol import SEAL_OVERHEAD
 from shared.wire.wire import (
     FLAG_SEALED,
@@ -63,7 +70,7 @@ from shared.wire.wire import (
     SplitMessage,
     check_schema,
     header_from_wire,
-    message_to_wire,
+    message_parts,
     split_frames,
     tensor_from_wire,
 )
@@ -81,8 +88,7 @@ ACK = struct.Struct("<4sBBH32s32s")
 ACK_SIZE = ACK.size  # 72
 _ACK_CONTEXT = b"splitfed-ack-v1"
 
-LABEL_S2T, LABEL_T2S = b"S>T", b"T>S"
-_NONCE = struct.Struct("<3sBQ")  # 12 bytes: label, payload index, seq
+LABEL_S2T, LABEL_T2S = b"S>T", b"T>S"  # nonces and associated data per frame: shared/crypto/frame_units.py
 MAX_COUNTER = 2**32 - 1
 MAX_SENDERS = 1024  # receive windows per session (only authenticated senders create one)
 
@@ -96,37 +102,6 @@ if not (HEADER.format.endswith("IIQ") and HEADER.format.startswith("<4sBBBB")): 
 
 class SealError(FrameError):
     """A handshake or sealed frame was refused; ``reason`` is a counter name (see module doc)."""
-
-
-# ---------------------------------------------------------------- replay protection
-
-
-class ReplayWindow:
-    """Sliding window over counters (RFC 4303 style): accept new ones, reject duplicates/too-old."""
-
-    __slots__ = ("size", "top", "bits")
-
-    def __init__(self, size: int = 64) -> None:
-        self.size, self.top, self.bits = size, 0, 0  # counters start at 1: top=0 means none yet
-
-    def problem(self, counter: int) -> str | None:
-        if counter > self.top:
-            return None
-        behind = self.top - counter
-        if behind >= self.size:
-            return f"counter {counter} is older than the window (top {self.top})"
-        if (self.bits >> behind) & 1:
-            return f"counter {counter} already seen"
-        return None
-
-    def record(self, counter: int) -> None:
-        if counter > self.top:
-            shift = counter - self.top
-            # Guard the shift: a jump of 2**32 must not build a 2**32-bit integer.
-            self.bits = 1 if shift >= self.size else ((self.bits << shift) | 1) & ((1 << self.size) - 1)
-            self.top = counter
-        else:
-            self.bits |= 1 << (self.top - counter)
 
 
 # ---------------------------------------------------------------- buffers
@@ -208,10 +183,12 @@ class Session:
                                              f"session is {self.run_id}/{self.silo_id}/round {self.round}")
 
     def seal(self, header_bytes: bytes | memoryview, payloads: Sequence, out: Sequence | None = None) -> list:
-        """Return ``[sealed header, ciphertext_0, ...]`` ready to send (see module doc for seq/nonce).
+        """Return ``[sealed header, ciphertext frames...]`` ready to send (see module doc for seq/nonce).
 
-        ``out``: optional writable buffers of nbytes+16 each (reuse them only once the transport
-        is done with the previous message: zmq's copy=False keeps a reference until sent).
+        ``payloads``: one whole plaintext per tensor; a tensor the header describes as chunked
+        comes out as one frame per chunk, each sealed on its own (shared/crypto/frame_units.py).
+        ``out``: optional writable buffers of ``sealed_nbytes`` each (reuse them only once the
+        transport is done with the previous message: zmq's copy=False keeps a reference until sent).
         """
         header = header_from_wire(header_bytes, self.max_tensor_bytes)
         self._check_header(header)
@@ -232,14 +209,14 @@ class Session:
         aad = bytes(aad)
         t0 = time.perf_counter()
         frames: list = [aad]
-        for i, v in enumerate(views):
-            nonce = _NONCE.pack(self._send_label, i, seq)
-            if HAS_INTO:
-                buf = out[i] if out is not None else _alloc(v.nbytes + SEAL_OVERHEAD)
-                self._send.encrypt_into(nonce, v, aad, buf)
-            else:  # pragma: no cover - cryptography without encrypt_into
-                buf = self._send.encrypt(nonce, bytes(v), aad)
-            frames.append(buf)
+        for i, (desc, v) in enumerate(zip(header.tensors, views)):
+            buf = _byte_view(out[i]) if out is not None else _alloc(sealed_nbytes(desc))
+            for nonce, unit_aad, (a, b), (ca, cb) in units(self._send_label, i, desc, seq, aad):
+                if HAS_INTO:
+                    self._send.encrypt_into(nonce, v[a:b], unit_aad, buf[ca:cb])
+                else:  # pragma: no cover - cryptography without encrypt_into
+                    buf[ca:cb] = self._send.encrypt(nonce, bytes(v[a:b]), unit_aad)
+                frames.append(buf[ca:cb] if desc.chunk_shift else buf)
         self.stats["seal_s"] += time.perf_counter() - t0
         self.stats["sealed"] += 1
         self.stats["bytes_sealed"] += sum(v.nbytes for v in views)
@@ -249,9 +226,11 @@ class Session:
              header: Header | None = None) -> list:
         """Authenticate and decrypt; return one plaintext buffer per payload (writable memoryviews).
 
-        ``header``: the already-parsed header of these exact bytes (from ``split_frames``), to skip
-        parsing twice. On any failure nothing is returned and ``out`` buffers are zeroed (decryption
-        writes plaintext before the tag is checked).
+        ``payloads``: one frame per tensor, or a ``Chunks`` of frames for a chunked one (as
+        ``split_frames`` hands them on); each chunk is opened straight into its slice of the
+        tensor's buffer. ``header``: the already-parsed header of these exact bytes (from
+        ``split_frames``), to skip parsing twice. On any failure nothing is returned and the
+        output buffers are zeroed (decryption writes plaintext before the tag is checked).
         """
         header_bytes = bytes(header_bytes)
         if header is None:
@@ -261,11 +240,7 @@ class Session:
         self._check_header(header)
         if len(payloads) != len(header.tensors):
             raise SealError("frame_count", f"{len(payloads)} payloads, header says {len(header.tensors)}")
-        views = [_byte_view(p) for p in payloads]
-        for i, (desc, v) in enumerate(zip(header.tensors, views)):
-            if v.nbytes != desc.nbytes + SEAL_OVERHEAD:
-                raise SealError("size_mismatch",
-                                f"payload {i}: {v.nbytes} bytes, header says {desc.nbytes + SEAL_OVERHEAD}")
+        groups = [_frames_of(i, desc, p) for i, (desc, p) in enumerate(zip(header.tensors, payloads))]
         slot, counter = header.seq >> 32, header.seq & MAX_COUNTER
         if counter == 0:
             raise SealError("bad_field", "counter 0 is never sent")
@@ -277,45 +252,63 @@ class Session:
                 raise SealError("too_many_senders", f"more than {MAX_SENDERS} sender slots in one session")
             t0 = time.perf_counter()
             bufs: list = []
+            where = ""
             try:
-                for i, v in enumerate(views):
-                    nonce = _NONCE.pack(self._recv_label, i, header.seq)
-                    if HAS_INTO:
-                        buf = out[i] if out is not None else _alloc(v.nbytes - SEAL_OVERHEAD)
-                        bufs.append(buf)
-                        self._recv.decrypt_into(nonce, v, header_bytes, buf)
-                    else:  # pragma: no cover
-                        bufs.append(memoryview(bytearray(self._recv.decrypt(nonce, bytes(v), header_bytes))))
+                for i, (desc, frames) in enumerate(zip(header.tensors, groups)):
+                    # The size comes from the header, bounded by max_tensor_bytes when it was parsed.
+                    buf = _byte_view(out[i]) if out is not None else _alloc(desc.nbytes)
+                    bufs.append(buf)
+                    for j, (nonce, unit_aad, (a, b), _) in enumerate(units(self._recv_label, i, desc, header.seq,
+                                                                           header_bytes)):
+                        where = f"payload {i}" + (f" chunk {j}" if desc.chunk_shift else "")
+                        if HAS_INTO:
+                            self._recv.decrypt_into(nonce, frames[j], unit_aad, buf[a:b])
+                        else:  # pragma: no cover
+                            buf[a:b] = self._recv.decrypt(nonce, bytes(frames[j]), unit_aad)
             except InvalidTag:
                 for b in bufs:
                     _zero(b)
-                raise SealError("bad_tag", f"{self.silo_id} round {self.round}: payload {len(bufs) - 1} failed "
+                raise SealError("bad_tag", f"{self.silo_id} round {self.round}: {where} failed "
                                            "authentication") from None
             if window is None:
                 window = self._windows[slot] = ReplayWindow(self._window_size)
             window.record(counter)
             self.stats["open_s"] += time.perf_counter() - t0
         self.stats["opened"] += 1
-        self.stats["bytes_opened"] += sum(v.nbytes - SEAL_OVERHEAD for v in views)
+        self.stats["bytes_opened"] += sum(d.nbytes for d in header.tensors)
         return bufs
+
+
+def _frames_of(i: int, desc, payload) -> list[memoryview]:
+    """The frames of payload ``i``, each checked against the size the header gives it."""
+    frames = list(payload) if isinstance(payload, Chunks) else [payload]
+    if len(frames) != desc.n_frames or isinstance(payload, Chunks) != bool(desc.chunk_shift):
+        raise SealError("frame_count", f"payload {i}: {len(frames)} frames, header says {desc.n_frames}")
+    views = [_byte_view(f) for f in frames]
+    for j, (v, size) in enumerate(zip(views, sealed_frame_sizes(desc))):
+        if v.nbytes != size:
+            raise SealError("size_mismatch", f"payload {i} frame {j}: {v.nbytes} bytes, header says {size}")
+    return views
 
 
 # ---------------------------------------------------------------- whole messages
 
 
-def seal_message(session: Session, msg: Message, take: Callable[[int], memoryview] | None = None) -> list:
-    """``message_to_wire`` + ``seal``: frames to send. Text cannot be sealed (send ERRORs unsealed).
+def seal_message(session: Session, msg: Message, take: Callable[[int], memoryview] | None = None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list:
+    """Frames to send: the message's header and payloads (tensors larger than ``chunk_bytes``
+    chunked), sealed. Text cannot be sealed (send ERRORs unsealed).
 
     ``take(nbytes)``: where the ciphertexts go (e.g. ``shared.wire.buffers.BufferPool.take``, so the hot
     path reuses its buffers); default a fresh buffer per payload.
     """
     if msg.text is not None:
         raise SealError("bad_field", "text frames cannot be sealed")
-    frames = message_to_wire(msg)
+    header, header_bytes, payloads, _ = message_parts(msg, chunk_bytes=chunk_bytes)
     out = None
     if take is not None and HAS_INTO:
-        out = [take(memoryview(p).nbytes + SEAL_OVERHEAD) for p in frames[1:]]
-    return session.seal(frames[0], frames[1:], out)
+        out = [take(sealed_nbytes(d)) for d in header.tensors]
+    return session.seal(header_bytes, payloads, out)
 
 
 def open_message(session: Session, frames: Sequence, max_tensor_bytes: int | None = None,
@@ -324,11 +317,12 @@ def open_message(session: Session, frames: Sequence, max_tensor_bytes: int | Non
 
     ``take(nbytes)``: where the plaintexts go; the returned tensors alias those buffers.
     ``split``: split_frames' result, if the caller has it (the header is then not parsed again).
+    Quantized hidden tensors (shared/wire/compression.py) come back as float32.
     """
     header, header_bytes, payloads, _ = split or split_frames(frames, max_tensor_bytes or session.max_tensor_bytes)
     out = [take(d.nbytes) for d in header.tensors] if take is not None and HAS_INTO else None
     bufs = session.open(header_bytes, payloads, out=out, header=header)
-    tensors = [tensor_from_wire(d, b) for d, b in zip(header.tensors, bufs)]
+    tensors = expand_tensors([tensor_from_wire(d, b) for d, b in zip(header.tensors, bufs)])
     msg = Message(header.kind, header.run_id, header.silo_id, header.round, header.step, header.seq, tensors)
     check_schema(msg)
     return msg

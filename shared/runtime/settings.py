@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.wire.chunks import DEFAULT_CHUNK_BYTES, check_chunk_bytes
 from shared.wire.ids import check_id
 
 Mode = Literal["serial", "client-batch", "hierarchical"]
@@ -32,6 +33,10 @@ class PeerSettings(BaseSettings):
     heartbeat_s: float = Field(1.0, gt=0, description="liveness heartbeat period (seconds)")
     liveness_ttl_s: int = Field(5, ge=1, description="seconds after the last heartbeat a peer counts as dead")
     max_tensor_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest tensor accepted from the wire")
+    # Not run-wide: each receiver reads a payload's chunking from its header (shared/wire/chunks.py).
+    wire_chunk_bytes: Annotated[int, AfterValidator(check_chunk_bytes)] = Field(
+        DEFAULT_CHUNK_BYTES, description="tensors larger than this travel as frames of this many bytes, "
+        "each sealed on its own (a power of two, 4 KiB..1 GiB)")
     curve: bool = Field(False, description="CurveZMQ on every socket (hop encryption + ZAP allow-list at the broker)")
     curve_cert: Path | None = Field(None, description="this role's CurveZMQ secret certificate (NAME.key_secret)")
     operator_fingerprint: str | None = Field(None, description="pinned operator key fingerprint (sha256:...): "
@@ -65,7 +70,9 @@ class ModelSettings(PeerSettings):
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     seed: int = Field(0, ge=0, description="seed of adapter initialisation and data order")
-    wire_dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="dtype of activations/gradients on the wire")
+    wire_dtype: Literal["fp32", "bf16", "fp16", "int8", "fp8-e4m3", "fp8-e5m2"] = Field(
+        "fp32", description="activations/gradients on the wire: a float dtype, or int8 / fp8 values with "
+        "a bfloat16 scale per token (shared/wire/compression.py)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="compute dtype of the model's weights and "
                                                    "activations (adapters and optimizer state stay fp32: master weights)")
 

@@ -12,7 +12,7 @@ import enum
 import torch
 
 SIGNATURE = b"SPFD"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: chunked payloads (chunk shift in the tensor descriptor), int8/fp8 dtypes
 
 MAX_TENSORS = 4
 MAX_NDIM = 4
@@ -171,6 +171,10 @@ class WireDtype(enum.IntEnum):
     INT64 = 4
     INT32 = 5
     UINT8 = 6
+    # Quantized hidden tensors (shared/wire/compression.py): always followed by their scales.
+    INT8 = 7
+    FLOAT8_E4M3 = 8
+    FLOAT8_E5M2 = 9
 
 
 TORCH_DTYPE = {
@@ -180,12 +184,19 @@ TORCH_DTYPE = {
     WireDtype.INT64: torch.int64,
     WireDtype.INT32: torch.int32,
     WireDtype.UINT8: torch.uint8,
+    WireDtype.INT8: torch.int8,
+    WireDtype.FLOAT8_E4M3: torch.float8_e4m3fn,
+    WireDtype.FLOAT8_E5M2: torch.float8_e5m2,
 }
 WIRE_DTYPE = {v: k for k, v in TORCH_DTYPE.items()}
 ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in TORCH_DTYPE.items()}
 FLOAT_WIRE_DTYPES = frozenset({WireDtype.FLOAT32, WireDtype.BFLOAT16, WireDtype.FLOAT16})
 
-WIRE_DTYPE_BY_NAME = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The dtype a role casts h1/h2 and their gradients to before its codec encodes them. For the
+# quantized wire formats (int8, fp8-*) that is fp32: the codec quantizes from full precision
+# (shared/wire/compression.py), and the receiver's codec hands back fp32.
+WIRE_DTYPE_BY_NAME = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                      "int8": torch.float32, "fp8-e4m3": torch.float32, "fp8-e5m2": torch.float32}
 
 # A trunk worker also heartbeats from a thread of its own, on a second connection whose identity is
 # its worker id + this suffix (trunk_worker/beacon.py): a worker busy in a long step stays alive.

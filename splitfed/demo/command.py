@@ -29,7 +29,8 @@ from splitfed.demo.weights_check import WeightsMismatch, load_run_weights, max_a
 @click.option("--max-length", type=click.IntRange(8), default=128, show_default=True)
 @click.option("--adapter", type=click.Choice(["lora", "prefix", "full"]), default="lora", show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--wire-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--wire-dtype", type=click.Choice(["fp32", "bf16", "fp16", "int8", "fp8-e4m3", "fp8-e5m2"]), default="fp32",
+              show_default=True, help="int8 / fp8-*: 8-bit values with a bfloat16 scale per token (lossy)")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="compute dtype of every role's weights and activations (LoRA/prefix and AdamW state stay fp32)")
 @click.option("--encryption/--no-encryption", default=True, show_default=True,
