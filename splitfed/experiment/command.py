@@ -30,6 +30,7 @@ from splitfed.experiment.bbc_data import PARTITIONS, build_task
 from splitfed.experiment.centralized_arm import lora_config, train_centralized
 from splitfed.experiment.federated_arm import run_federation
 from splitfed.experiment.presets import PRESETS, Preset
+from shared.wire.compression import WIRE_FORMATS
 from splitfed.experiment.report import markdown_report, markdown_table, plot
 
 CLEARLY_ABOVE_POINTS = 10.0
@@ -51,16 +52,20 @@ def experiment() -> None:
 @click.option("--steps", type=click.IntRange(1), help="override the preset's steps per silo")
 @click.option("--train-per-topic", type=click.IntRange(1), help="override the preset's training articles per topic")
 @click.option("--eval-per-topic", type=click.IntRange(1), help="override the preset's held-out articles per topic")
+@click.option("--seed", type=click.IntRange(0), help="override the preset's seed (adapter init, data order, held-out split)")
+@click.option("--wire-dtype", type=click.Choice(WIRE_FORMATS),
+              help="override the split-fed arm's wire format (int8, fp8-*: compressed activations and gradients)")
 @click.option("--model", default="smollm2", show_default=True, help="'smollm2', 'tiny' or a model directory")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/bbc"), show_default=True,
               help="directory for data, logs, weights and the report")
 @click.option("--key-prefix", default="splitfed", show_default=True, envvar="SPLITFED_KEY_PREFIX",
               help="namespace of the federation's Redis keys [env SPLITFED_KEY_PREFIX]")
 def bbc(preset: str, partition: str, alpha: float, silos: int | None, steps: int | None,
-        train_per_topic: int | None, eval_per_topic: int | None, model: str, out_dir: Path, key_prefix: str) -> None:
+        train_per_topic: int | None, eval_per_topic: int | None, seed: int | None, wire_dtype: str | None, model: str,
+        out_dir: Path, key_prefix: str) -> None:
     """Fine-tune split-fed and centralized on BBC News; evaluate both and zero-shot; write a report."""
     p = PRESETS[preset].with_overrides(silos=silos, steps=steps, train_per_topic=train_per_topic,
-                                       eval_per_topic=eval_per_topic)
+                                       eval_per_topic=eval_per_topic, seed=seed, wire_dtype=wire_dtype)
     command = "splitfed " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["experiment"] \
         else f"splitfed experiment bbc --preset {preset} --partition {partition}"
     started, load_start = time.perf_counter(), _load()

@@ -47,7 +47,7 @@ class FederatedRun:
 def demo_config(preset: Preset, model: str) -> DemoConfig:
     return DemoConfig(mode="serial", silos=preset.silos, steps=preset.steps, local_steps=preset.local_steps,
                       model=model, seed=preset.seed, batch_size=preset.batch_size, max_length=preset.max_length,
-                      adapter="lora", lr=preset.lr,
+                      adapter="lora", lr=preset.lr, wire_dtype=preset.wire_dtype,
                       extra_env={"SPLITFED_LORA_R": str(preset.lora_r), "SPLITFED_LORA_ALPHA": str(preset.lora_alpha)})
 
 

@@ -25,7 +25,8 @@ class Preset:
     lr: float
     lora_r: int = 8
     lora_alpha: int = 16
-    seed: int = 0
+    seed: int = 0  # adapter initialisation, data order, and which articles are held out
+    wire_dtype: str = "fp32"  # split-fed arm only: int8 / fp8-* compress activations and gradients on the wire
     max_new_tokens: int = 3
     eval_batch_size: int = 8
     perplexity_examples: int = 50  # the first N held-out examples (perplexity costs a full pass)

@@ -47,7 +47,8 @@ Command: `{result['command']}`
   articles cut to {p['max_chars']} characters; centralized: {p['silos'] * p['steps']} steps on the union.
 * partition **{result['partition']}**{f" (Dirichlet alpha {result['alpha']})" if result['partition'] != 'iid' else ''}:
   {data['train']} training articles ({counts}); {data['heldout']} held-out articles, balanced over the 5 topics.
-* split-fed: serial mode, broker + trunk worker + {p['silos']} silo agents as processes, sealed end to end;
+* split-fed: serial mode, broker + trunk worker + {p['silos']} silo agents as processes, sealed end to end,
+  wire dtype {p.get('wire_dtype', 'fp32')}, seed {p['seed']};
   each silo's model = its head/tail adapters (secure FedAvg over the silos at every round's end) + the shared trunk adapter.
 * evaluation: greedy split generation (KV caches), {p['max_new_tokens']} new tokens; the label is the topic
   that starts a word earliest in the generated text (case-insensitive); perplexity on the first {p['perplexity_examples']} held-out
