@@ -21,7 +21,7 @@ class _LazyBenchGroup(click.Group):
     """Benchmarks that load torch are imported only when run (``bench --help`` stays fast)."""
 
     lazy = {"modes": "splitfed.bench.modes", "faults": "splitfed.bench.faults", "step": "splitfed.bench.step",
-            "memory": "splitfed.bench.memory", "wan": "splitfed.bench.wan"}
+            "memory": "splitfed.bench.memory", "wan": "splitfed.bench.wan", "wire": "splitfed.bench.wire"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
