@@ -94,7 +94,7 @@ class SplitStep:
         sent["dL/dh1"] = h1_in.grad.detach()
         h1.backward(through_wire(sent["dL/dh1"], fmt))
         grad = torch.cat([p.grad.reshape(-1) for p in self.params if p.grad is not None])
-        return float(loss), grad, sent
+        return float(loss.detach()), grad, sent
 
 
 def _error(x: torch.Tensor, fmt: str) -> dict:
