@@ -16,6 +16,7 @@ from splitfed.demo.federation_run import DemoConfig
 from splitfed.demo.runner import run_federation
 from splitfed.demo.summary import print_summary
 from splitfed.demo.weights_check import WeightsMismatch, load_run_weights, max_abs_weight_diff
+from shared.wire.compression import SCHEMES
 
 
 @click.command("demo")
@@ -97,6 +98,10 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
     if check_centralized:
         if cfg.cut_clip_norm or cfg.cut_noise_sigma:
             click.echo("note: the reference has no cut defense; expect the losses to differ", err=True)
+        if cfg.wire_dtype in SCHEMES:
+            click.echo(f"note: the reference has no wire; {cfg.wire_dtype} is lossy, expect the losses to differ "
+                       "(its accuracy effect: splitfed experiment bbc --wire-dtype; its error: splitfed bench wire)",
+                       err=True)
         click.echo("centralized reference: same parts, data order and optimizer in one process...", err=True)
         t0 = time.perf_counter()
         ref = centralized_run(model_dir, cfg, [run_dir / "data" / f"{s}.jsonl" for s in cfg.silo_ids])
