@@ -230,3 +230,14 @@ def test_split_frames_of_a_quantized_message_checks_each_payload_size():
     with pytest.raises(FrameError) as err:
         message_from_wire([frames[0], frames[1], frames[2][:-2]])
     assert err.value.reason == "size_mismatch"
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "int8", "fp8-e4m3"])
+def test_hidden_bytes_per_token_is_what_the_codec_sends(name):
+    from shared.wire.compression import hidden_bytes_per_token
+    from shared.wire.protocol import WIRE_DTYPE_BY_NAME
+
+    msg = hidden_message(Kind.FORWARD_RESULT, b=2, t=5, h=16)
+    msg = dataclasses.replace(msg, tensors=[msg.tensors[0].to(WIRE_DTYPE_BY_NAME[name])])
+    frames = PlainCodec(1 << 20, name).encode(msg)
+    assert sum(memoryview(f).nbytes for f in frames[1:]) == 2 * 5 * hidden_bytes_per_token(name, 16)

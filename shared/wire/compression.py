@@ -120,6 +120,13 @@ def error_bound(x: torch.Tensor, scales: torch.Tensor, scheme: Scheme) -> torch.
     return torch.maximum(x.float().abs() * scheme.relative, s * scheme.subnormal)
 
 
+def hidden_bytes_per_token(wire_format: str, hidden: int) -> int:
+    """Payload bytes of one token's row of a hidden tensor on the wire (before AEAD tags)."""
+    if wire_format in SCHEMES:
+        return hidden * SCHEMES[wire_format].dtype.itemsize + SCALE_DTYPE.itemsize
+    return hidden * {"fp32": 4, "bf16": 2, "fp16": 2}[wire_format]
+
+
 # ---------------------------------------------------------------- whole messages
 
 

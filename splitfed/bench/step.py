@@ -27,6 +27,7 @@ from shared.model.microbatch import split_batch
 from shared.model.model_split import load_config, positions_from_mask
 from shared.model.models import resolve_model_dir
 from shared.model.optim import make_optimizer
+from shared.wire.compression import hidden_bytes_per_token
 from shared.wire.protocol import WIRE_DTYPE_BY_NAME
 from splitfed.reference.reference import UnsplitModel
 from shared.state.registry import Registry
@@ -122,9 +123,8 @@ def run_pair(model: str, wire_dtype: str, batch_size: int, max_length: int, adap
             private_redis.stop()
     silo_rows = list(agent.timeline.rows)
     split_losses = {h["step"]: h["loss"] for h in agent.history}
-    itemsize = torch.empty((), dtype=WIRE_DTYPE_BY_NAME[wire_dtype]).element_size()
-    hidden = load_config(model_dir).hidden_size
-    ideal = {s: 4 * n * hidden * itemsize for s, n in centralized.tokens.items()}  # h1, h2, dL/dh2, dL/dh1
+    row = hidden_bytes_per_token(wire_dtype, load_config(model_dir).hidden_size)  # int8: values + its scale
+    ideal = {s: 4 * n * row for s, n in centralized.tokens.items()}  # h1, h2, dL/dh2, dL/dh1
     return summarize(silo_rows, trunk_rows, centralized.times, centralized.losses, split_losses, warmup, ideal)
 
 
