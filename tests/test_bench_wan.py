@@ -54,6 +54,21 @@ def _can_shape() -> str | None:
     return None
 
 
+def test_the_probe_sees_the_profile_delay_through_the_relay(tmp_path):
+    why = _can_shape()
+    if why is not None:
+        pytest.skip(f"network namespaces with tbf cannot be made here: {why}")
+    from splitfed.bench.wan_probe import probe_links
+    from splitfed.demo.runner import free_ports
+
+    before = _namespaces()
+    rows = probe_links([LOOPBACK, PROFILES["metro"]], tmp_path, tuple(free_ports(2)))
+    assert [r["path"] for r in rows] == ["direct", "relay at 0 ms", "metro"]
+    assert rows[2]["rtt_ms_min"] >= 2 * PROFILES["metro"].delay_ms  # a lower bound: the relay held each way
+    assert all(r["bulk_mbit_per_s_each_way"] > 0 for r in rows)
+    assert _namespaces() == before
+
+
 def test_a_tiny_bench_wan_run_in_namespaces(tmp_path, redis_prefix):
     why = _can_shape()
     if why is not None:

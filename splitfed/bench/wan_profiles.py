@@ -9,6 +9,7 @@ by the same processes under the same machine load and compared to the loopback p
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass
 
 
@@ -27,14 +28,15 @@ PROFILES = {p.name: p for p in (LOOPBACK, Profile("lan", 0.5, 10_000.0), Profile
                                 Profile("wan", 50.0, 200.0))}
 
 
-def phase_plan(names: list[str]) -> list[Profile]:
-    """A loopback phase before and after every profile: the machine is shared, its load drifts
-    within minutes, so each profile is compared with the loopback phases right around it (a drift
-    that is linear in time cancels)."""
+def phase_plan(names: list[str], cycles: int = 1) -> list[Profile]:
+    """A loopback phase before and after every profile, the whole sequence ``cycles`` times: the
+    machine is shared, its load drifts within minutes, so each profile is compared with the
+    loopback phases right around it (a drift that is linear in time cancels), and repeated."""
     plan = [LOOPBACK]
-    for name in names:
-        if name != "loopback":
-            plan += [PROFILES[name], LOOPBACK]
+    for _ in range(cycles):
+        for name in names:
+            if name != "loopback":
+                plan += [PROFILES[name], LOOPBACK]
     return plan
 
 
@@ -56,15 +58,22 @@ def phase_throughput(ends: dict[str, list[float]], start: float, stop: float, ba
 
 
 def ratios(phases: list[dict]) -> dict:
-    """Each profile's samples/s over the mean of the loopback phases next to it, by profile name;
-    the mean of all loopback phases and their spread (max/min - 1) beside."""
+    """Each profile's samples/s over the mean of the loopback phases next to it, by profile name
+    (the median over its phases when it ran more than once; every phase's ratio under
+    ``each``); the mean of all loopback phases and their spread (max/min - 1) beside."""
     loop = [p["samples_per_s"] for p in phases if p["profile"] == "loopback" and p["samples_per_s"] > 0]
     out = {"loopback_samples_per_s": round(sum(loop) / len(loop), 3) if loop else 0.0,
            "loopback_drift": round(max(loop) / min(loop) - 1, 3) if len(loop) > 1 else None}
+    each: dict[str, list[float]] = {}
     for i, p in enumerate(phases):
         if p["profile"] == "loopback":
             continue
         near = [q["samples_per_s"] for q in phases[max(0, i - 1):i + 2]
                 if q["profile"] == "loopback" and q["samples_per_s"] > 0]
-        out[p["profile"]] = round(p["samples_per_s"] / (sum(near) / len(near)), 3) if near else None
+        each.setdefault(p["profile"], [])
+        if near:
+            each[p["profile"]].append(round(p["samples_per_s"] / (sum(near) / len(near)), 3))
+    for name, values in each.items():
+        out[name] = round(statistics.median(values), 3) if values else None
+    out["each"] = each
     return out

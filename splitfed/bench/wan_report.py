@@ -32,10 +32,15 @@ def markdown_table(doc: dict) -> str:
              "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
     for r in doc["runs"]:
         v = r["vs_loopback"]
-        cells = " | ".join(f"{v[n]:.2f}x" if v.get(n) is not None else "n/a" for n in names)
+        cells = " | ".join(_cell(v, n) for n in names)
         drift = f"{100 * v['loopback_drift']:.0f}%" if v.get("loopback_drift") is not None else "n/a"
         lines.append(f"| {r['model']} | {r['mode']} | {r['silos']} | {r['micro_batches']} | "
                      f"{v['loopback_samples_per_s']:.2f} | {cells} | {drift} |")
+    if doc.get("links"):
+        lines += ["", "| link, measured from a silo namespace | round trip ms (median) | bulk Mbit/s each way |",
+                  "|---|---|---|"]
+        for row in doc["links"]:
+            lines.append(f"| {row['path']} | {row['rtt_ms_median']:.2f} | {row['bulk_mbit_per_s_each_way']:.0f} |")
     if doc.get("relay_overhead"):
         lines += ["", "| relay's own cost: model | mode | silos | direct samples/s | via relay at 0 ms | ratio |",
                   "|---|---|---|---|---|---|"]
@@ -44,6 +49,15 @@ def markdown_table(doc: dict) -> str:
             lines.append(f"| {o['model']} | {o['mode']} | {o['silos']} | {o['direct_samples_per_s']:.2f} | "
                          f"{o['relay_0ms_samples_per_s']:.2f} | {ratio} |")
     return "\n".join(lines)
+
+
+def _cell(v: dict, name: str) -> str:
+    """The median ratio, and its range when the profile ran more than once."""
+    if v.get(name) is None:
+        return "n/a"
+    each = v.get("each", {}).get(name, [])
+    spread = f" ({min(each):.2f}-{max(each):.2f})" if len(each) > 1 else ""
+    return f"{v[name]:.2f}x{spread}"
 
 
 def _rate(mbit: float | None) -> str:

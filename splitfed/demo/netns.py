@@ -157,7 +157,7 @@ class NetnsHosts:
         self.redis = subprocess.Popen(
             [*self.prefix("server"), binary, "--bind", "127.0.0.1", self.operator_link, "--port", str(port),
              "--protected-mode", "no", "--save", "", "--appendonly", "no", "--dir", str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         url = f"redis://{self.operator_link}:{port}/0"
         import redis  # the demo's own client (this module is imported before Redis is needed)
 
