@@ -121,7 +121,7 @@ def bench_model(model: str, formats: list[str], batch_size: int, max_length: int
         sizes = bytes_on_wire(step_messages(sent["h1"], mask, pos, sent["h2"], sent["dL/dh2"], sent["dL/dh1"], fmt), fmt)
         fp32_bytes = fp32_bytes or bytes_on_wire(
             step_messages(sent["h1"], mask, pos, sent["h2"], sent["dL/dh2"], sent["dL/dh1"], "fp32"), "fp32")["bytes_per_step"]
-        cos = float(torch.nn.functional.cosine_similarity(grad, ref_grad, dim=0))
+        cos = float(torch.nn.functional.cosine_similarity(grad.double(), ref_grad.double(), dim=0))
         out["formats"][fmt] = {
             **sizes, "ratio_to_fp32": round(sizes["bytes_per_step"] / fp32_bytes, 4),
             "error": {name: _error(sent[name], fmt) for name in CROSSINGS},

@@ -31,6 +31,7 @@ from splitfed.experiment.centralized_arm import lora_config, train_centralized
 from splitfed.experiment.federated_arm import run_federation
 from splitfed.experiment.presets import PRESETS, Preset
 from shared.wire.compression import WIRE_FORMATS
+from splitfed.experiment.split_only import identical_adapter_files, write_result
 from splitfed.experiment.report import markdown_report, markdown_table, plot
 
 CLEARLY_ABOVE_POINTS = 10.0
@@ -55,14 +56,16 @@ def experiment() -> None:
 @click.option("--seed", type=click.IntRange(0), help="override the preset's seed (adapter init, data order, held-out split)")
 @click.option("--wire-dtype", type=click.Choice(WIRE_FORMATS),
               help="override the split-fed arm's wire format (int8, fp8-*: compressed activations and gradients)")
+@click.option("--split-only", is_flag=True,
+              help="only the split-fed arm (no centralized, no zero-shot): to compare split-fed runs, e.g. wire formats")
 @click.option("--model", default="smollm2", show_default=True, help="'smollm2', 'tiny' or a model directory")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/bbc"), show_default=True,
               help="directory for data, logs, weights and the report")
 @click.option("--key-prefix", default="splitfed", show_default=True, envvar="SPLITFED_KEY_PREFIX",
               help="namespace of the federation's Redis keys [env SPLITFED_KEY_PREFIX]")
 def bbc(preset: str, partition: str, alpha: float, silos: int | None, steps: int | None,
-        train_per_topic: int | None, eval_per_topic: int | None, seed: int | None, wire_dtype: str | None, model: str,
-        out_dir: Path, key_prefix: str) -> None:
+        train_per_topic: int | None, eval_per_topic: int | None, seed: int | None, wire_dtype: str | None, split_only: bool,
+        model: str, out_dir: Path, key_prefix: str) -> None:
     """Fine-tune split-fed and centralized on BBC News; evaluate both and zero-shot; write a report."""
     p = PRESETS[preset].with_overrides(silos=silos, steps=steps, train_per_topic=train_per_topic,
                                        eval_per_topic=eval_per_topic, seed=seed, wire_dtype=wire_dtype)
@@ -81,6 +84,8 @@ def bbc(preset: str, partition: str, alpha: float, silos: int | None, steps: int
     _say(f"split-fed: {p.silos} silos x {p.steps} steps through broker + trunk worker processes ...")
     fed = run_federation(p, model, task.silo_paths, out_dir / "federation", key_prefix)
     _say(f"split-fed done in {fed.wall_s:.0f} s")
+    if split_only:
+        return _split_only(p, partition, command, task, fed, model_dir, out_dir)
 
     _say(f"centralized: {p.silos * p.steps} steps on the union ...")
     central_losses, central_state, central_s = train_centralized(
@@ -113,6 +118,24 @@ def bbc(preset: str, partition: str, alpha: float, silos: int | None, steps: int
     click.echo(f"\nsplit-fed {v['split_accuracy']:.1f} vs centralized {v['centralized_accuracy']:.1f} "
                f"({v['accuracy_gap']:+.1f} points), zero-shot {v['zero_shot_accuracy']:.1f}; "
                f"{result['timing']['total_s']:.0f} s; report in {out_dir / 'report.md'}")
+
+
+def _split_only(p: Preset, partition: str, command: str, task, fed, model_dir: Path, out_dir: Path) -> None:
+    eval_started = time.perf_counter()
+    heldout, tokenizer, cfg = load_jsonl(task.heldout_path), load_tokenizer(model_dir), lora_config(p)
+    silos = [f"silo{i}" for i in range(p.silos)]
+    once = identical_adapter_files([fed.silo_file(s) for s in silos])
+    metrics = {}
+    for silo in silos[:1] if once else silos:
+        state = load_split_adapters(fed.silo_file(silo), fed.trunk_file, cfg)
+        metrics[f"split-fed {silo}"] = _evaluate(load_split_model(model_dir, cfg, state), tokenizer, heldout, p,
+                                                 f"split-fed {silo}" + (" (= every silo: identical adapters)" if once else ""))
+    timing = {"federated_s": round(fed.wall_s, 1), "eval_s": round(time.perf_counter() - eval_started, 1)}
+    result = write_result(out_dir, command, p.to_dict(), partition, task.summary(), fed.run_id, fed.rows, metrics,
+                          once, timing)
+    m = result["split_mean"]
+    click.echo(f"split-fed (wire {p.wire_dtype}, seed {p.seed}): accuracy {m['accuracy']:.1f}, macro-F1 "
+               f"{m['macro_f1']:.1f}, perplexity {m['perplexity']:.3f}; result in {out_dir / 'result.json'}")
 
 
 def _evaluate(model, tokenizer, heldout: list[Example], p: Preset, name: str) -> dict:
