@@ -26,9 +26,11 @@ def test_every_profile_sits_between_two_loopback_phases():
 def test_only_steps_inside_a_phase_count_and_silos_add_up():
     ends = {"silo0": [0.5, 1.0, 2.0, 3.0, 9.0], "silo1": [1.5, 2.5, 3.5]}
     got = phase_throughput(ends, 1.0, 4.0, batch_size=2)
-    # silo0: ends 1, 2, 3 -> 2 steps in 2 s; silo1: 1.5, 2.5, 3.5 -> 2 steps in 2 s; 2 samples each
+    # silo0: ends 1, 2, 3 -> intervals 1, 1; silo1: 1.5, 2.5, 3.5 -> 1, 1; 2 samples a second each
     assert got["samples_per_s"] == pytest.approx(4.0) and got["step_intervals"] == 4
     assert phase_throughput({"silo0": [1.0]}, 0.0, 5.0, 2)["samples_per_s"] == 0.0  # one end: no interval
+    stalled = phase_throughput({"silo0": [0.0, 1.0, 2.0, 10.0]}, 0.0, 10.0, 1)  # one step stalled by another job
+    assert stalled["samples_per_s"] == pytest.approx(1.0) and stalled["samples_per_s_mean"] == pytest.approx(0.3)
 
 
 def test_a_profile_is_compared_with_the_loopback_phases_next_to_it():

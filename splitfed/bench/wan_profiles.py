@@ -45,16 +45,22 @@ def phase_throughput(ends: dict[str, list[float]], start: float, stop: float, ba
 
     Only steps that began and ended inside the phase count: for each silo, the intervals between
     consecutive step ends that both lie in it (the step under way when the profile changed is
-    dropped). The silos' rates add up (serial: each silo's interval is a whole cycle of turns;
-    client-batch: every silo advances once per trunk batch)."""
-    total, intervals = 0.0, 0
-    for times in ends.values():
+    dropped). A silo's rate is its batch over the median interval: other jobs on this shared
+    machine stall a step now and then, and a median does not let one stalled step decide a phase
+    (the mean rate is kept beside). The silos' rates add up (serial: each silo's interval is a
+    whole cycle of turns; client-batch: every silo advances once per trunk batch)."""
+    total, mean_total, intervals = 0.0, 0.0, {}
+    for sid, times in ends.items():
         inside = sorted(t for t in times if start <= t <= stop)
         if len(inside) < 2:
             continue
-        total += (len(inside) - 1) * batch_size / (inside[-1] - inside[0])
-        intervals += len(inside) - 1
-    return {"samples_per_s": round(total, 3), "step_intervals": intervals, "seconds": round(stop - start, 2)}
+        gaps = [b - a for a, b in zip(inside, inside[1:])]
+        total += batch_size / statistics.median(gaps)
+        mean_total += len(gaps) * batch_size / (inside[-1] - inside[0])
+        intervals[sid] = [round(g, 3) for g in gaps]
+    return {"samples_per_s": round(total, 3), "samples_per_s_mean": round(mean_total, 3),
+            "step_intervals": sum(len(g) for g in intervals.values()), "intervals_s": intervals,
+            "seconds": round(stop - start, 2)}
 
 
 def ratios(phases: list[dict]) -> dict:
