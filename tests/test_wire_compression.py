@@ -241,3 +241,20 @@ def test_hidden_bytes_per_token_is_what_the_codec_sends(name):
     msg = dataclasses.replace(msg, tensors=[msg.tensors[0].to(WIRE_DTYPE_BY_NAME[name])])
     frames = PlainCodec(1 << 20, name).encode(msg)
     assert sum(memoryview(f).nbytes for f in frames[1:]) == 2 * 5 * hidden_bytes_per_token(name, 16)
+
+
+def test_auto8_sends_whichever_of_int8_and_fp8_reconstructs_the_tensor_better():
+    from shared.wire.compression import quantize_best
+
+    g = torch.Generator().manual_seed(3)
+    uniform = torch.rand(2, 6, 64, generator=g) * 2 - 1  # int8's even grid wins
+    outliers = torch.randn(2, 6, 64, generator=g)
+    outliers[..., 7] = 300.0  # one massive channel per row (as in SmolLM2's h2): fp8's relative precision wins
+    for x, want in ((uniform, torch.int8), (outliers, torch.float8_e4m3fn)):
+        values, scales = quantize_best(x, ("int8", "fp8-e4m3"))
+        assert values.dtype == want
+        errors = [float((dequantize(*quantize(x, SCHEMES[n])) - x).square().sum()) for n in ("int8", "fp8-e4m3")]
+        assert float((dequantize(values, scales) - x).square().sum()) == min(errors)
+        msg = Message(Kind.FORWARD_RESULT, "run1", "s0", tensors=[x])
+        back = PlainCodec(1 << 20, "auto8").decode([bytes(f) for f in PlainCodec(1 << 20, "auto8").encode(msg)])
+        assert torch.equal(back.tensors[0], dequantize(values, scales))

@@ -70,9 +70,9 @@ class ModelSettings(PeerSettings):
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     seed: int = Field(0, ge=0, description="seed of adapter initialisation and data order")
-    wire_dtype: Literal["fp32", "bf16", "fp16", "int8", "fp8-e4m3", "fp8-e5m2"] = Field(
+    wire_dtype: Literal["fp32", "bf16", "fp16", "int8", "fp8-e4m3", "fp8-e5m2", "auto8"] = Field(
         "fp32", description="activations/gradients on the wire: a float dtype, or int8 / fp8 values with "
-        "a bfloat16 scale per token (shared/wire/compression.py)")
+        "a bfloat16 scale per token (auto8: int8 or fp8-e4m3, per tensor the better; shared/wire/compression.py)")
     dtype: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="compute dtype of the model's weights and "
                                                    "activations (adapters and optimizer state stay fp32: master weights)")
 

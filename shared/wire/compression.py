@@ -1,6 +1,7 @@
 """Activation compression on the wire: h1, h2 and their gradients as 8-bit values with per-token scales.
 
-``--wire-dtype int8`` (or ``fp8-e4m3`` / ``fp8-e5m2``) makes a codec send the hidden tensor of every
+``--wire-dtype int8`` (or ``fp8-e4m3`` / ``fp8-e5m2``, or ``auto8``: per tensor whichever of int8
+and fp8-e4m3 reconstructs it better) makes a codec send the hidden tensor of every
 FORWARD, FORWARD_RESULT, BACKWARD, BACKWARD_RESULT, GENERATE and GENERATE_RESULT as two tensors in
 its place:
 
@@ -66,8 +67,13 @@ SCHEMES = {
     "fp8-e5m2": Scheme("fp8-e5m2", torch.float8_e5m2, 57344.0, 2.0**-3, 2.0**-17),
 }
 SCHEME_BY_DTYPE = {s.dtype: s for s in SCHEMES.values()}
+# Per tensor, whichever scheme reconstructs it better (same bytes; the dtype code tells the receiver).
+# Why: measured on SmolLM2 (reports/perf/wire.json), int8 wins on h1 and both gradients, but h2
+# carries outlier channels that leave the rest of a row few int8 levels, where fp8-e4m3's relative
+# precision wins.
+AUTO_FORMATS = {"auto8": ("int8", "fp8-e4m3")}
 CAST_FORMATS = ("fp32", "bf16", "fp16")  # plain casts done by the roles themselves
-WIRE_FORMATS = CAST_FORMATS + tuple(SCHEMES)
+WIRE_FORMATS = CAST_FORMATS + tuple(SCHEMES) + tuple(AUTO_FORMATS)
 
 
 def quantize(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +96,18 @@ def quantize(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tenso
     else:
         values = scaled.clamp_(-scheme.qmax, scheme.qmax).to(scheme.dtype)
     return values, scales
+
+
+def quantize_best(x: torch.Tensor, schemes: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (values, scales) of whichever scheme gives the smallest squared error on ``x``."""
+    best, best_err = None, None
+    x32 = x.detach().to("cpu", torch.float32)
+    for name in schemes:
+        values, scales = quantize(x32, SCHEMES[name])
+        err = float((dequantize(values, scales) - x32).square().sum())
+        if best_err is None or err < best_err:
+            best, best_err = (values, scales), err
+    return best
 
 
 def dequantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -122,8 +140,8 @@ def error_bound(x: torch.Tensor, scales: torch.Tensor, scheme: Scheme) -> torch.
 
 def hidden_bytes_per_token(wire_format: str, hidden: int) -> int:
     """Payload bytes of one token's row of a hidden tensor on the wire (before AEAD tags)."""
-    if wire_format in SCHEMES:
-        return hidden * SCHEMES[wire_format].dtype.itemsize + SCALE_DTYPE.itemsize
+    if wire_format in SCHEMES or wire_format in AUTO_FORMATS:
+        return hidden * 1 + SCALE_DTYPE.itemsize  # 8-bit values and the token's scale
     return hidden * {"fp32": 4, "bf16": 2, "fp16": 2}[wire_format]
 
 
@@ -133,12 +151,15 @@ def hidden_bytes_per_token(wire_format: str, hidden: int) -> int:
 def compress_message(msg, wire_format: str):
     """The message to encode: its hidden tensor replaced by (values, scales) under a quantized
     ``wire_format``; unchanged for the cast formats and for kinds without a hidden tensor."""
-    scheme = SCHEMES.get(wire_format)
     if wire_format not in WIRE_FORMATS:
         raise ValueError(f"wire format {wire_format!r}: one of {', '.join(WIRE_FORMATS)}")
-    if scheme is None or msg.kind not in HIDDEN_KINDS or not msg.tensors or not msg.tensors[0].is_floating_point():
+    if (wire_format in CAST_FORMATS or msg.kind not in HIDDEN_KINDS or not msg.tensors
+            or not msg.tensors[0].is_floating_point()):
         return msg
-    values, scales = quantize(msg.tensors[0], scheme)
+    if wire_format in AUTO_FORMATS:
+        values, scales = quantize_best(msg.tensors[0], AUTO_FORMATS[wire_format])
+    else:
+        values, scales = quantize(msg.tensors[0], SCHEMES[wire_format])
     return dataclasses.replace(msg, tensors=[values, scales, *msg.tensors[1:]])
 
 

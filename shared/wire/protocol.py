@@ -196,7 +196,8 @@ FLOAT_WIRE_DTYPES = frozenset({WireDtype.FLOAT32, WireDtype.BFLOAT16, WireDtype.
 # quantized wire formats (int8, fp8-*) that is fp32: the codec quantizes from full precision
 # (shared/wire/compression.py), and the receiver's codec hands back fp32.
 WIRE_DTYPE_BY_NAME = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                      "int8": torch.float32, "fp8-e4m3": torch.float32, "fp8-e5m2": torch.float32}
+                      "int8": torch.float32, "fp8-e4m3": torch.float32, "fp8-e5m2": torch.float32,
+                      "auto8": torch.float32}
 
 # A trunk worker also heartbeats from a thread of its own, on a second connection whose identity is
 # its worker id + this suffix (trunk_worker/beacon.py): a worker busy in a long step stays alive.

@@ -31,7 +31,7 @@ from shared.model.adapters import AdapterConfig, apply_adapter
 from shared.model.loss import causal_lm_loss
 from shared.model.model_split import build_part, build_silo_parts, positions_from_mask
 from shared.model.models import resolve_model_dir
-from shared.wire.compression import SCHEMES, WIRE_FORMATS, dequantize, quantize
+from shared.wire.compression import AUTO_FORMATS, SCHEMES, WIRE_FORMATS, dequantize, quantize, quantize_best
 from shared.wire.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.wire.wire import Message
 from splitfed.bench.crypto import session_pair
@@ -45,6 +45,8 @@ def through_wire(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """What the receiver gets for ``x`` under ``fmt`` (in fp32)."""
     if fmt in SCHEMES:
         return dequantize(*quantize(x, SCHEMES[fmt]))
+    if fmt in AUTO_FORMATS:
+        return dequantize(*quantize_best(x, AUTO_FORMATS[fmt]))
     return x.to(WIRE_DTYPE_BY_NAME[fmt]).to(x.dtype)
 
 
@@ -70,7 +72,7 @@ class SplitStep:
     """Head, trunk and tail of a model with fresh LoRA adapters; one step with explicit crossings."""
 
     def __init__(self, model_dir: Path, seed: int) -> None:
-        cfg = AdapterConfig(kind="lora", lora_init_b="random")  # random B: every LoRA tensor gets a gradient
+        cfg = AdapterConfig(kind="lora")  # as the runs train it: B = 0, so the first gradients are B's
         self.head, self.tail = build_silo_parts(model_dir)
         self.trunk = build_part(model_dir, "trunk")
         self.params = [*apply_adapter(self.head, cfg, seed), *apply_adapter(self.trunk, cfg, seed),

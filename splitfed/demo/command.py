@@ -16,7 +16,7 @@ from splitfed.demo.federation_run import DemoConfig
 from splitfed.demo.runner import run_federation
 from splitfed.demo.summary import print_summary
 from splitfed.demo.weights_check import WeightsMismatch, load_run_weights, max_abs_weight_diff
-from shared.wire.compression import SCHEMES
+from shared.wire.compression import CAST_FORMATS
 
 
 @click.command("demo")
@@ -30,7 +30,7 @@ from shared.wire.compression import SCHEMES
 @click.option("--max-length", type=click.IntRange(8), default=128, show_default=True)
 @click.option("--adapter", type=click.Choice(["lora", "prefix", "full"]), default="lora", show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--wire-dtype", type=click.Choice(["fp32", "bf16", "fp16", "int8", "fp8-e4m3", "fp8-e5m2"]), default="fp32",
+@click.option("--wire-dtype", type=click.Choice(["fp32", "bf16", "fp16", "int8", "fp8-e4m3", "fp8-e5m2", "auto8"]), default="fp32",
               show_default=True, help="int8 / fp8-*: 8-bit values with a bfloat16 scale per token (lossy)")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="compute dtype of every role's weights and activations (LoRA/prefix and AdamW state stay fp32)")
@@ -98,7 +98,7 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
     if check_centralized:
         if cfg.cut_clip_norm or cfg.cut_noise_sigma:
             click.echo("note: the reference has no cut defense; expect the losses to differ", err=True)
-        if cfg.wire_dtype in SCHEMES:
+        if cfg.wire_dtype not in CAST_FORMATS:
             click.echo(f"note: the reference has no wire; {cfg.wire_dtype} is lossy, expect the losses to differ "
                        "(its accuracy effect: splitfed experiment bbc --wire-dtype; its error: splitfed bench wire)",
                        err=True)
