@@ -33,7 +33,8 @@ import click
 
 from shared.model.models import resolve_model_dir
 from splitfed.bench.wan_profiles import LOOPBACK, PROFILES, phase_plan, ratios
-from splitfed.bench.wan_report import GOAL, goal_check, markdown_table
+from shared.model.model_split import load_config
+from splitfed.bench.wan_report import GOAL, expected_ratios, goal_check, markdown_table
 from splitfed.bench.wan_probe import probe_links
 from splitfed.bench.wan_run import echo, run_config, run_phases
 from splitfed.demo.runner import free_ports
@@ -157,6 +158,7 @@ def wan(models: str, modes: str, silos_text: str, profiles: str, batch_size: int
                         doc["relay_overhead"].append(_direct(cfg, Path(tmp) / f"run{n}", key_prefix, phase_args, row))
                         _save_partial(doc, out_path)
     doc["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    expected_ratios(doc, {m: load_config(resolve_model_dir(m)).hidden_size for m in model_list})
     doc["goal"] = {"target": GOAL, **goal_check(doc["runs"])}
     table = markdown_table(doc)
     click.echo(table, err=True)

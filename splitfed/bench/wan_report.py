@@ -15,8 +15,9 @@ def goal_check(runs: list[dict]) -> dict:
         key = f"{r['silos']}_silos"
         side = "with_micro_batches" if r["micro_batches"] > 1 else "without_micro_batches"
         got = {p: r["vs_loopback"].get(p) for p in ("metro", "wan")}
+        expected = {p: r.get("expected_vs_loopback", {}).get(p) for p in ("metro", "wan")}
         entry = out.setdefault(key, {})
-        entry[side] = {"micro_batches": r["micro_batches"], **got}
+        entry[side] = {"micro_batches": r["micro_batches"], **got, "network_cost_alone": expected}
         if r["micro_batches"] > 1:
             entry["met"] = all(got[p] is not None and got[p] >= GOAL[p] for p in ("metro", "wan"))
             entry["short_by"] = {p: round(GOAL[p] - got[p], 3) for p in ("metro", "wan")
@@ -36,6 +37,15 @@ def markdown_table(doc: dict) -> str:
         drift = f"{100 * v['loopback_drift']:.0f}%" if v.get("loopback_drift") is not None else "n/a"
         lines.append(f"| {r['model']} | {r['mode']} | {r['silos']} | {r['micro_batches']} | "
                      f"{v['loopback_samples_per_s']:.2f} | {cells} | {drift} |")
+    if any("expected_vs_loopback" in r for r in doc["runs"]):
+        lines += ["", "| network cost alone (expected): model | mode | silos | micro-batches | loopback s per trunk step | "
+                  + " | ".join(names) + " |", "|---|---|---|---|---|" + "---|" * len(names)]
+        for r in doc["runs"]:
+            e = r.get("expected_vs_loopback")
+            if e:
+                cells = " | ".join(f"{e[n]:.2f}x" if n in e else "n/a" for n in names)
+                lines.append(f"| {r['model']} | {r['mode']} | {r['silos']} | {r['micro_batches']} | "
+                             f"{e['loopback_s_per_trunk_step']:.3f} | {cells} |")
     if doc.get("links"):
         lines += ["", "| link, measured from a silo namespace | round trip ms (median) | bulk Mbit/s each way |",
                   "|---|---|---|"]
@@ -64,3 +74,32 @@ def _rate(mbit: float | None) -> str:
     if mbit is None:
         return "no limit"
     return f"{mbit / 1000:g} Gbit/s" if mbit >= 1000 else f"{mbit:g} Mbit/s"
+
+
+def expected_ratios(doc: dict, hidden_sizes: dict[str, int]) -> None:
+    """Beside each measured ratio, what the network alone would cost: per trunk step (serial: per
+    turn; client-batch: per batch, the silos' links in parallel) two added round trips and the four
+    [B, T, H] fp32 tensors at the profile's rate, both as the link probe measured them against the
+    relay at 0 ms, added to the loopback phases' time per trunk step. T is --max-length (an upper
+    bound; batches are padded to their longest example only). No overlap is assumed: micro-batches
+    can hide transfer time, not the two round trips that separate a step's forward, backward and
+    optimizer step. On a crowded machine this is the steadier figure; the measured one shows
+    what this machine did."""
+    links = {row["path"]: row for row in doc.get("links", [])}
+    base = links.get("relay at 0 ms")
+    if base is None:
+        return
+    for run in doc["runs"]:
+        rate = run["vs_loopback"]["loopback_samples_per_s"]
+        if not rate or run["model"] not in hidden_sizes:
+            continue
+        per_step_s = doc["batch_size"] * (run["silos"] if run["mode"] == "client-batch" else 1) / rate
+        bits = 4 * doc["batch_size"] * doc["max_length"] * hidden_sizes[run["model"]] * 4 * 8
+        expected = {}
+        for name, link in links.items():
+            if name in ("direct", "relay at 0 ms"):
+                continue
+            added = (2 * (link["rtt_ms_median"] - base["rtt_ms_median"]) / 1000
+                     + bits / 1e6 * (1 / link["bulk_mbit_per_s_each_way"] - 1 / base["bulk_mbit_per_s_each_way"]))
+            expected[name] = round(per_step_s / (per_step_s + max(added, 0.0)), 3)
+        run["expected_vs_loopback"] = {"loopback_s_per_trunk_step": round(per_step_s, 4), **expected}
