@@ -42,6 +42,16 @@ def test_a_profile_is_compared_with_the_loopback_phases_next_to_it():
     assert got["loopback_drift"] == pytest.approx(0.25)
 
 
+def test_the_round_trips_each_schedule_leaves_exposed():
+    from splitfed.bench.wan_report import exposed_round_trips
+
+    assert exposed_round_trips("serial", 1, 1) == 2  # turnaround and step boundary
+    assert exposed_round_trips("serial", 1, 4) == 1  # micro-batches cover the turnaround only
+    assert exposed_round_trips("serial", 4, 1) == 1  # the next silo's FORWARD already waits at the broker
+    assert exposed_round_trips("serial", 4, 4) == 0
+    assert exposed_round_trips("client-batch", 4, 1) == 2
+
+
 def _namespaces() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
