@@ -25,6 +25,7 @@ from torch import nn
 
 from shared.model.cut_defense import clip_token_norms, protect_cut
 from shared.model.model_split import positions_from_mask
+from shared.model.privacy_adapter import PrivacyAdapterConfig
 from splitfed.audit.cut import HeadBlocks
 
 OnStep = Callable[[int, int, float], None]  # (step, of_steps, loss)
@@ -35,14 +36,24 @@ _PROJECT_CHUNK = 512
 
 @dataclass(frozen=True)
 class Defense:
-    """What the silo applied (and the attacker knows): clip_norm None and sigma 0 is no defense."""
+    """What the silo applied (and the attacker knows): clip_norm None and sigma 0 is no defense.
+
+    ``learned`` (strength > 0) adds a privacy adapter trained during the fine-tune, before the
+    clipping and noise. `apply` is the clipping and noise only: the trained adapter is part of the
+    defended head the attacker is given (splitfed/audit/cut.py: TrainedHead).
+    """
 
     clip_norm: float | None = None
     sigma: float = 0.0
+    learned: PrivacyAdapterConfig | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.clip_norm is not None or self.sigma > 0
+        return self.clip_norm is not None or self.sigma > 0 or self.adapted
+
+    @property
+    def adapted(self) -> bool:
+        return self.learned is not None and self.learned.enabled
 
     def apply(self, hidden: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if not self.enabled:

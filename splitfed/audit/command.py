@@ -115,3 +115,118 @@ def invert(model, victims, max_tokens, shadow, cuts, defense_cut, clip_norm, sig
         click.echo(f"wrote {json_path}", err=True)
     if json_path != "-":
         sys.stdout.write(markdown(doc))
+
+
+def _float_list(ctx, param, value: str) -> tuple[float, ...]:
+    try:
+        out = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+    if any(not s > 0 for s in out):  # `not s > 0` also rejects nan
+        raise click.BadParameter(f"every value must be > 0 (no defense is always a row), got {value!r}")
+    return out
+
+
+def _cut_list(ctx, param, value: str) -> tuple[int, ...]:
+    if not value.strip():
+        return ()
+    out = _int_list(ctx, param, value)
+    if min(out) < 1:
+        raise click.BadParameter(f"a silo keeps at least one head block: expected cuts >= 1, got {value!r}")
+    return out
+
+
+@audit.command("defend")
+@click.option("--model", default="smollm2", show_default=True, help="tiny | smollm2 | a model directory")
+@click.option("--victims", type=click.IntRange(1, 2000), default=16, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(4, 512), default=48, show_default=True)
+@click.option("--shadow", type=click.IntRange(1, 100000), default=768, show_default=True)
+@click.option("--cuts", default="1,2,4", show_default=True, callback=_cut_list,
+              help="head blocks of the undefended rows ('' for none)")
+@click.option("--defense-cut", type=click.IntRange(1), default=1, show_default=True, help="head blocks of the noise rows")
+@click.option("--sigma", "sigmas", default="0.5,2", show_default=True, callback=_float_list,
+              help="clip + noise rows: noise std per coordinate ('' for none)")
+@click.option("--strengths", default="0.1,0.3,1", show_default=True, callback=_float_list,
+              help="learned-defense rows: lambda, the weight of the silo inverter's loss ('' for none)")
+@click.option("--learned-cuts", default="1", show_default=True, callback=_cut_list,
+              help="head blocks at which every strength is run")
+@click.option("--learned-sigma", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="noise after the privacy adapter (clipped to the median norm first when > 0)")
+@click.option("--rank", type=click.IntRange(1), default=32, show_default=True, help="privacy adapter's low rank")
+@click.option("--inverter-steps", type=click.IntRange(1), default=2, show_default=True,
+              help="silo-inverter updates per fine-tune step")
+@click.option("--inverter-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
+@click.option("--adapter-lr", type=click.FloatRange(min=0, min_open=True), default=1e-2, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="head-only warm-up steps of the learned defense (inverter vs adapter + distortion)")
+@click.option("--distortion", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="warm-up weight of the adapter's relative change of h1")
+@click.option("--learned-steps", type=click.IntRange(0), default=120, show_default=True, help="attacker training steps")
+@click.option("--optim-steps", type=click.IntRange(0), default=60, show_default=True)
+@click.option("--finetune-steps", type=click.IntRange(0), default=8, show_default=True)
+@click.option("--finetune-batch", type=click.IntRange(1), default=4, show_default=True)
+@click.option("--max-length", type=click.IntRange(8, 4096), default=96, show_default=True,
+              help="fine-tune example length in tokens")
+@click.option("--eval-examples", type=click.IntRange(1, 399), default=24, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch CPU threads [default: torch's]")
+@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="write defend.json, defend.md (after every row) and defend.png here")
+def defend(model, victims, max_tokens, shadow, cuts, defense_cut, sigmas, strengths, learned_cuts, learned_sigma,
+           rank, inverter_steps, inverter_lr, adapter_lr, warmup_steps, distortion, learned_steps, optim_steps, finetune_steps, finetune_batch, max_length,
+           eval_examples, seed, threads, out_dir) -> None:
+    """Attack each defense (none at deeper heads, clip + noise, the learned privacy adapter) with an
+    attacker retrained on the silo's trained, defended head, beside the defense's BBC accuracy."""
+    import torch
+
+    from shared.model.models import resolve_model_dir
+    from splitfed.audit.defend_report import markdown, write_report
+    from splitfed.audit.defended import DefendConfig, run_defend
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        resolve_model_dir(model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None
+    cfg = DefendConfig(model=model, victims=victims, max_tokens=max_tokens, shadow=shadow, cuts=cuts,
+                       defense_cut=defense_cut, sigmas=sigmas, strengths=strengths, learned_cuts=learned_cuts,
+                       learned_sigma=learned_sigma, rank=rank, inverter_steps=inverter_steps, inverter_lr=inverter_lr,
+                       adapter_lr=adapter_lr, warmup_steps=warmup_steps, distortion=distortion,
+                       learned_steps=learned_steps, optim_steps=optim_steps, seed=seed,
+                       finetune=FinetuneSpec(steps=finetune_steps, batch_size=finetune_batch, max_length=max_length,
+                                             eval_examples=eval_examples, seed=seed))
+    started = time.perf_counter()
+
+    def log(line: str) -> None:
+        click.echo(f"[{time.perf_counter() - started:6.0f} s] {line}", err=True)
+
+    def partial(doc: dict) -> None:  # a long run leaves a usable report after every row
+        if out_dir is not None:
+            write_report(doc, out_dir, with_png=False)
+
+    try:
+        doc = run_defend(cfg, log, partial)
+    except (ValueError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if out_dir is not None:
+        for path in write_report(doc, out_dir):
+            click.echo(f"wrote {path}", err=True)
+    sys.stdout.write(markdown(doc))
+
+
+@audit.command("defend-merge")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="write the merged defend.json, defend.md and defend.png here")
+def defend_merge(runs, out_dir) -> None:
+    """Merge the defend.json of several `audit defend` runs (same model, texts and budgets) into one report."""
+    from splitfed.audit.defend_report import markdown, merge, write_report
+
+    try:
+        doc = merge([json.loads(Path(p).read_text()) for p in runs])
+    except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"cannot merge: {exc}") from None
+    for path in write_report(doc, out_dir):
+        click.echo(f"wrote {path}", err=True)
+    sys.stdout.write(markdown(doc))

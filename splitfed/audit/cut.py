@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.model.model_split import build_part, positions_from_mask
+from shared.model.part_loading import build_part
+from shared.model.model_split import positions_from_mask
 
 
 class HeadBlocks:
@@ -62,3 +63,29 @@ class HeadBlocks:
         """[B, T, H]: what a silo with k head blocks sends, before any defense."""
         positions = positions_from_mask(attention_mask)
         return self.blocks(self.embed(input_ids, positions), attention_mask, positions, k)
+
+
+class TrainedHead(HeadBlocks):
+    """A silo's head after fine-tuning (its LoRA, and a learned defense's privacy adapter), as the
+    attacker who knows those trained weights computes it: the retrained attacker's copy of the head.
+
+    Same interface as HeadBlocks, so every attack runs on it unchanged. With an adapter the cut is
+    the silo's own (all its blocks, then the adapter); without one any k of its blocks (a fine-tune
+    without defense trains the same weights wherever the cut is). Frozen: nothing here trains.
+    """
+
+    def __init__(self, head: nn.Module, adapter: nn.Module | None):
+        self.head = head
+        self.head.requires_grad_(False).eval()
+        self.adapter = adapter.requires_grad_(False).eval() if adapter is not None else None
+        self.max_blocks = len(head.layer_ids)
+        facts = head.facts
+        self._embed = head.get_submodule(facts.embed)
+        self._pos_embed = head.get_submodule(facts.pos_embed) if facts.pos_embed else None
+
+    def blocks(self, hidden: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+               k: int) -> torch.Tensor:
+        if self.adapter is not None and k != self.max_blocks:
+            raise ValueError(f"this trained head has {self.max_blocks} blocks, asked for a cut of {k}")
+        hidden = super().blocks(hidden, attention_mask, positions, k)
+        return self.adapter(hidden) if self.adapter is not None else hidden

@@ -4,7 +4,8 @@ head -> defense -> trunk -> tail in one process, with the same seed, data order,
 initialisation for every defense, so the only difference between two runs is the defense. After
 training, the held-out examples are scored through the same defended pipeline (a deployed silo
 keeps its defense at inference too): completion loss, and topic accuracy from the logits of the
-answer's deciding token (argmax over the five topics' tokens there).
+answer's deciding token (argmax over the five topics' tokens there). A learned defense (privacy
+adapter, shared/model/privacy_adapter.py) trains during the same steps, alternating with its inverter.
 """
 
 from __future__ import annotations
@@ -20,8 +21,18 @@ from splitfed.experiment.bbc import TOPICS, demo_examples
 from shared.model.cut_defense import noise_generator
 from shared.data.dataset import IGNORE_INDEX, Example, SiloDataset, collate, encode_example
 from shared.model.loss import causal_lm_loss
-from shared.model.model_split import build_part, build_silo_parts, positions_from_mask
+from shared.model.part_loading import build_part, build_silo_parts
+from shared.model.model_split import positions_from_mask
 from shared.model.optim import make_optimizer
+from shared.model.privacy_adapter import (
+    PrivacyAdapter,
+    SiloInverter,
+    SiloVocabulary,
+    adversarial_term,
+    defend,
+    inverter_step,
+    warmup_step,
+)
 from shared.data.tokenizer import load_tokenizer
 from splitfed.audit.attacks import Defense
 
@@ -50,22 +61,80 @@ class UtilityScores:
 
 
 class SplitPipeline:
-    """The silo's head and tail and the trunk, LoRA on all three, the defense at the cut."""
+    """The silo's head and tail and the trunk, LoRA on all three, the defense at the cut.
 
-    def __init__(self, model_dir: Path, cut: int, spec: FinetuneSpec):
+    With a learned defense the silo also holds a privacy adapter (trained with the LoRA weights)
+    and its own inverter (trained by its own optimizer, alternating with the task step).
+    """
+
+    def __init__(self, model_dir: Path, cut: int, spec: FinetuneSpec, defense: Defense | None = None,
+                 vocabulary: torch.Tensor | None = None):
         self.head, self.tail = build_silo_parts(model_dir, head_layers=cut, tail_layers=1)
         self.trunk = build_part(model_dir, "trunk", head_layers=cut, tail_layers=1)
         adapter = AdapterConfig()
         params = [apply_adapter(part, adapter, spec.seed) for part in (self.head, self.trunk, self.tail)]
+        self.adapter: PrivacyAdapter | None = None
+        self.inverter: SiloInverter | None = None
+        self.inverter_losses: list[float] = []  # the silo inverter's loss at each training step
+        self.warmup_losses: list[float] = []  # the silo inverter's loss at each warm-up step
+        self.task_losses: list[float] = []  # the task loss alone (the step's loss less the adversarial term)
+        if defense is not None and defense.adapted:
+            if vocabulary is None:
+                raise ValueError("a learned defense needs the silo's vocabulary (its training data's token ids)")
+            embeddings = self.head.get_submodule(self.head.facts.embed).weight
+            self.vocab = SiloVocabulary(vocabulary, embeddings.shape[0])
+            hidden = embeddings.shape[1]
+            self.adapter = PrivacyAdapter(hidden, defense.learned.rank, seed=spec.seed)
+            self.inverter = SiloInverter(hidden)
+            self.inverter_opt = torch.optim.Adam(self.inverter.parameters(), lr=defense.learned.inverter_lr)
+            # its own optimizer: the adapter must move within a few steps, LoRA at its own pace
+            self.adapter_opt = torch.optim.Adam(self.adapter.parameters(), lr=defense.learned.adapter_lr)
         self.params = unique_parameters(*params)
 
-    def logits(self, input_ids, attention_mask, defense: Defense, generator: torch.Generator) -> torch.Tensor:
+    @property
+    def table(self) -> torch.Tensor:
+        """The embeddings of the silo's vocabulary: what its inverter guesses among."""
+        return self.vocab.table(self.head.get_submodule(self.head.facts.embed).weight)
+
+    def defended(self, input_ids, attention_mask, defense: Defense, generator: torch.Generator) -> torch.Tensor:
+        """What the silo sends: the head, then (learned) the privacy adapter, then clipping and noise."""
         positions = positions_from_mask(attention_mask)
         hidden = self.head(input_ids, attention_mask, positions)
-        hidden = defense.apply(hidden, attention_mask, generator)  # on the silo, before sealing
-        hidden = self.trunk(hidden, attention_mask, positions)
-        return self.tail(hidden, attention_mask, positions)
+        if self.adapter is not None:
+            return defend(self.adapter, hidden, attention_mask, defense.clip_norm, defense.sigma, generator)
+        return defense.apply(hidden, attention_mask, generator)  # on the silo, before sealing
 
+    def from_cut(self, defended: torch.Tensor, attention_mask) -> torch.Tensor:
+        positions = positions_from_mask(attention_mask)
+        return self.tail(self.trunk(defended, attention_mask, positions), attention_mask, positions)
+
+    def logits(self, input_ids, attention_mask, defense: Defense, generator: torch.Generator) -> torch.Tensor:
+        return self.from_cut(self.defended(input_ids, attention_mask, defense, generator), attention_mask)
+
+    def warm_up(self, data: SiloDataset, defense: Defense, seed: int) -> None:
+        """The learned defense's head-only warm-up (privacy_adapter.warmup_step) on the training batches."""
+        cfg = defense.learned
+        for step in range(cfg.warmup_steps):
+            batch = data.batch(step)
+            with torch.no_grad():
+                hidden = self.head(batch.input_ids, batch.attention_mask, positions_from_mask(batch.attention_mask))
+            loss, _ = warmup_step(self.adapter, self.adapter_opt, self.inverter, self.inverter_opt, hidden,
+                                  self.vocab.targets(batch.input_ids, batch.attention_mask), batch.attention_mask, self.table, cfg, defense.clip_norm,
+                                  defense.sigma, noise_generator(seed, "utility-warmup", step))
+            self.warmup_losses.append(loss)
+
+    def training_loss(self, batch, defense: Defense, generator: torch.Generator) -> torch.Tensor:
+        """The task loss; with a learned defense, first an inverter update, then minus its loss."""
+        cut = self.defended(batch.input_ids, batch.attention_mask, defense, generator)
+        loss = causal_lm_loss(self.from_cut(cut, batch.attention_mask), batch.labels)
+        if self.adapter is None:
+            return loss
+        cfg, table = defense.learned, self.table
+        targets = self.vocab.targets(batch.input_ids, batch.attention_mask)
+        self.inverter_losses.append(inverter_step(self.inverter, self.inverter_opt, cut, targets,
+                                                  batch.attention_mask, table, cfg.inverter_steps))
+        self.task_losses.append(float(loss.detach()))
+        return loss + adversarial_term(self.inverter, cut, targets, batch.attention_mask, table, cfg.strength)
 
 def _split_examples(n_eval: int) -> tuple[list[Example], list[Example]]:
     records = demo_examples()
@@ -107,9 +176,13 @@ def _evaluate(pipe: SplitPipeline, tokenizer, examples: list[Example], spec: Fin
     return total_loss / total_tokens, 100.0 * correct / len(examples)
 
 
-def finetune_cost(model_dir: Path, cut: int, defense: Defense, spec: FinetuneSpec,
-                  on_step: OnStep | None = None) -> UtilityScores:
-    """Fine-tune with ``defense`` at a cut of ``cut`` head blocks; score the held-out examples."""
+def finetune(model_dir: Path, cut: int, defense: Defense, spec: FinetuneSpec,
+             on_step: OnStep | None = None) -> tuple[UtilityScores, SplitPipeline]:
+    """Fine-tune with ``defense`` at a cut of ``cut`` head blocks; score the held-out examples.
+
+    Returns the scores and the trained pipeline (the audit attacks its trained, defended head).
+    ``on_step`` gets the task loss (without a learned defense's adversarial term).
+    """
     if cut < 1:
         raise ValueError("a silo keeps at least one head block: defenses apply at cut >= 1")
     tokenizer = load_tokenizer(model_dir)
@@ -117,21 +190,33 @@ def finetune_cost(model_dir: Path, cut: int, defense: Defense, spec: FinetuneSpe
     data = SiloDataset(train, tokenizer, spec.batch_size, spec.max_length, spec.seed, 0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        pipe = SplitPipeline(model_dir, cut, spec)
+        vocabulary = torch.tensor([t for ids, _ in data.encoded for t in ids])
+        pipe = SplitPipeline(model_dir, cut, spec, defense, vocabulary)
     opt = make_optimizer(pipe.params, spec.lr, 0.0)
+    if pipe.adapter is not None:
+        pipe.warm_up(data, defense, spec.seed)
     losses = []
     for step in range(spec.steps):
         batch = data.batch(step)
         gen = noise_generator(spec.seed, "utility-train", step)
-        loss = causal_lm_loss(pipe.logits(batch.input_ids, batch.attention_mask, defense, gen), batch.labels)
+        loss = pipe.training_loss(batch, defense, gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        if pipe.adapter is not None:
+            pipe.adapter_opt.step()
+            pipe.adapter_opt.zero_grad(set_to_none=True)
+        losses.append(pipe.task_losses[-1] if pipe.adapter is not None else float(loss.detach()))
         if on_step is not None:
             on_step(step + 1, spec.steps, losses[-1])
     eval_loss, accuracy = _evaluate(pipe, tokenizer, held_out, spec, defense)
     if not losses:
-        return UtilityScores(None, None, eval_loss, accuracy)
+        return UtilityScores(None, None, eval_loss, accuracy), pipe
     last = losses[-max(1, len(losses) // 4):]
-    return UtilityScores(losses[0], sum(last) / len(last), eval_loss, accuracy)
+    return UtilityScores(losses[0], sum(last) / len(last), eval_loss, accuracy), pipe
+
+
+def finetune_cost(model_dir: Path, cut: int, defense: Defense, spec: FinetuneSpec,
+                  on_step: OnStep | None = None) -> UtilityScores:
+    """`finetune`'s scores alone."""
+    return finetune(model_dir, cut, defense, spec, on_step)[0]
