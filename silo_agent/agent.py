@@ -30,7 +30,8 @@ from shared.data.tokenizer import load_tokenizer
 from shared.model.adapters import apply_adapter, unique_parameters
 from shared.model.cut_defense import CutDefenseConfig, protect_cut_with
 from shared.model.loss import causal_lm_loss
-from shared.model.model_split import build_silo_parts, positions_from_mask
+from shared.model.part_loading import build_silo_parts
+from shared.model.model_split import positions_from_mask
 from shared.model.optim import make_optimizer
 from shared.runtime.metrics import RoleMetrics
 from shared.runtime.settings import SiloSettings

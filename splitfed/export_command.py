@@ -20,7 +20,7 @@ import click
 
 from shared.model.adapter_files import AdapterFileError
 from shared.model.families import facts_for
-from shared.model.model_split import load_config
+from shared.model.part_loading import load_config
 from shared.model.models import resolve_model_dir
 from splitfed.evaluation.peft_format import save_peft_adapter, target_modules
 from splitfed.model_source import source_options, split_adapter

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from shared.model.cut_defense import noise_generator
-from shared.model.model_split import make_tiny_model_dir
+from shared.model.tiny_models import make_tiny_model_dir
 from splitfed.audit.attacks import Defense, LearnedInverter, nearest_embedding_attack, optimization_attack
 from splitfed.audit.cut import HeadBlocks
 from splitfed.audit.metrics import token_recovery

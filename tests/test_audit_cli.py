@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from shared.model.model_split import make_tiny_model_dir
+from shared.model.tiny_models import make_tiny_model_dir
 from shared.data.tokenizer import byte_tokenizer
 from splitfed.cli import main
 

@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 from shared.model.adapters import apply_adapter
 from splitfed.reference.centralized_batch import centralized_client_batch
 from shared.data.dataset import SiloDataset, load_jsonl
-from shared.model.model_split import make_tiny_model_dir
+from shared.model.tiny_models import make_tiny_model_dir
 from shared.runtime.settings import ModelSettings
 from shared.data.tokenizer import byte_tokenizer, load_tokenizer
 

@@ -23,7 +23,8 @@ from broker.broker import Broker
 from shared.crypto import keys as keystore
 from shared.crypto import enrollment
 from shared.data.dataset import SiloDataset, load_jsonl
-from shared.model.model_split import build_silo_parts, positions_from_mask
+from shared.model.part_loading import build_silo_parts
+from shared.model.model_split import positions_from_mask
 from shared.model.models import resolve_model_dir
 from shared.state.registry import Registry
 from shared.runtime.settings import BrokerSettings, SiloSettings

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 from shared.model.adapter_files import adapter_metadata, load_split_adapters, save_adapter_file
 from shared.model.adapters import AdapterConfig, adapter_state_dict, apply_adapter
 from shared.model.generation import LocalTrunk, Sampling, encode_prompts, split_generate
-from shared.model.model_split import build_part, build_silo_parts, make_tiny_model_dir
+from shared.model.part_loading import build_part, build_silo_parts
+from shared.model.tiny_models import make_tiny_model_dir
 from shared.data.tokenizer import byte_tokenizer
 from splitfed.evaluation.trained_parts import load_split_model
 from splitfed.cli import main

@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 
 from splitfed.experiment import bbc
 from shared.data.dataset import Example, collate, encode_example
-from shared.model.model_split import build_part, build_silo_parts, positions_from_mask
+from shared.model.part_loading import build_part, build_silo_parts
+from shared.model.model_split import positions_from_mask
 from shared.model.model_store import GEMMA3_NAME, gemma3_dir
 from shared.data.tokenizer import load_tokenizer
 from tests.conftest import USER_CACHE

@@ -10,7 +10,9 @@ import torch
 
 from shared.model.adapters import AdapterConfig, apply_adapter
 from shared.model.generation import LocalTrunk, Sampling, choose_next, encode_prompts, split_generate
-from shared.model.model_split import build_part, build_silo_parts, make_tiny_model_dir, positions_from_mask
+from shared.model.part_loading import build_part, build_silo_parts
+from shared.model.tiny_models import make_tiny_model_dir
+from shared.model.model_split import positions_from_mask
 from splitfed.reference.reference import UnsplitModel
 from shared.data.tokenizer import byte_tokenizer
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from shared.model.adapters import AdapterConfig, apply_adapter
-from shared.model.model_split import build_part, make_tiny_model_dir, positions_from_mask
+from shared.model.part_loading import build_part
+from shared.model.tiny_models import make_tiny_model_dir
+from shared.model.model_split import positions_from_mask
 from shared.runtime.settings import TrunkSettings
 from trunk_worker.base_model import load_trunk_base
 from trunk_worker.placement import PlacementError, block_spans, parse_devices, spread_over_devices

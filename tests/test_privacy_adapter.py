@@ -10,7 +10,9 @@ from pydantic import ValidationError
 
 from shared.model.adapters import AdapterConfig, apply_adapter, unique_parameters
 from shared.model.loss import causal_lm_loss
-from shared.model.model_split import build_part, build_silo_parts, make_tiny_model_dir, positions_from_mask
+from shared.model.part_loading import build_part, build_silo_parts
+from shared.model.tiny_models import make_tiny_model_dir
+from shared.model.model_split import positions_from_mask
 from shared.model.privacy_adapter import (
     PrivacyAdapter,
     PrivacyAdapterConfig,

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 
 from shared.model.adapters import AdapterConfig, apply_adapter
-from shared.model.model_split import build_part, make_tiny_model_dir, positions_from_mask
+from shared.model.part_loading import build_part
+from shared.model.tiny_models import make_tiny_model_dir
+from shared.model.model_split import positions_from_mask
 from shared.model.optim import make_optimizer
 from shared.model.quantize import QuantizationUnavailable, quantize_linears, weight_bytes
 

@@ -22,14 +22,9 @@ from shared.model.adapters import (
 )
 from shared.model.families import facts_for
 from shared.model.loss import causal_lm_loss
-from shared.model.model_split import (
-    SplitPlan,
-    build_part,
-    build_silo_parts,
-    load_config,
-    make_tiny_model_dir,
-    positions_from_mask,
-)
+from shared.model.model_split import SplitPlan, positions_from_mask
+from shared.model.part_loading import build_part, build_silo_parts, load_config
+from shared.model.tiny_models import make_tiny_model_dir
 from splitfed.reference.reference import UnsplitModel
 
 FAMILIES = ["llama", "qwen2", "gpt2"]

@@ -12,7 +12,9 @@ import torch
 
 from shared.model.adapters import AdapterConfig, apply_adapter
 from shared.model.batching import concat_padded, scatter_grads, take
-from shared.model.model_split import build_part, make_tiny_model_dir, positions_from_mask
+from shared.model.part_loading import build_part
+from shared.model.tiny_models import make_tiny_model_dir
+from shared.model.model_split import positions_from_mask
 from shared.wire.protocol import Kind
 from shared.wire.wire import FrameError, Message, bundle_from_wire, bundle_to_wire, message_to_wire
 from trunk_worker.batch_step import BatchSteps

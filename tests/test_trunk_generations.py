@@ -7,7 +7,8 @@ import torch
 
 from broker.generation_routes import GenerationRoutes
 from shared.model.generation import LocalTrunk
-from shared.model.model_split import build_part, make_tiny_model_dir
+from shared.model.part_loading import build_part
+from shared.model.tiny_models import make_tiny_model_dir
 from shared.wire.protocol import Kind
 from shared.wire.wire import Header, Message
 from trunk_worker.generation import GenerationError, TrunkGenerations

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared.model.model_split import build_part
+from shared.model.part_loading import build_part
 from shared.wire.protocol import WIRE_DTYPE_BY_NAME
 from shared.model.quantize import block_quantizer, release_freed_heap, weight_bytes
 from shared.runtime.settings import TrunkSettings

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from shared.model.model_split import make_tiny_model_dir
+from shared.model.tiny_models import make_tiny_model_dir
 from shared.model.model_store import resolve_model
 from shared.data.tokenizer import byte_tokenizer
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from shared.model.cut_defense import noise_generator
-from shared.model.model_split import load_config
+from shared.model.part_loading import load_config
 from shared.model.models import resolve_model_dir
 from shared.data.tokenizer import load_tokenizer
 from splitfed.audit.attacks import (

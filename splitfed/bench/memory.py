@@ -40,7 +40,7 @@ def llama_1b_dir() -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shared.model.model_split import _tiny_config
+    from shared.model.tiny_models import _tiny_config
     from shared.model.models import cache_root
 
     target = cache_root() / "models" / f"{LLAMA_1B}-random-{LLAMA_1B_VERSION}"

@@ -83,7 +83,8 @@ def main() -> None:
 
     from shared.model.adapters import AdapterConfig, apply_adapter, unique_parameters
     from shared.model.loss import causal_lm_loss
-    from shared.model.model_split import build_part, build_silo_parts, load_config, positions_from_mask
+    from shared.model.part_loading import build_part, build_silo_parts, load_config
+    from shared.model.model_split import positions_from_mask
     from shared.model.optim import make_optimizer
     from shared.model.quantize import block_quantizer, release_freed_heap, weight_bytes
 

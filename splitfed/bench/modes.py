@@ -147,7 +147,7 @@ def hierarchical_memory(model: str, silo_counts: list[int], tmp: Path, inflight:
 
 
 def _trunk_tensors(model_dir: Path):
-    from shared.model.model_split import build_part
+    from shared.model.part_loading import build_part
 
     return list(build_part(model_dir, "trunk").parameters())
 

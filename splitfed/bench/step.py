@@ -24,7 +24,8 @@ import torch
 from shared.data.dataset import SiloDataset, load_jsonl
 from shared.model.loss import causal_lm_loss
 from shared.model.microbatch import split_batch
-from shared.model.model_split import load_config, positions_from_mask
+from shared.model.part_loading import load_config
+from shared.model.model_split import positions_from_mask
 from shared.model.models import resolve_model_dir
 from shared.model.optim import make_optimizer
 from shared.wire.compression import hidden_bytes_per_token

@@ -33,7 +33,7 @@ import click
 
 from shared.model.models import resolve_model_dir
 from splitfed.bench.wan_profiles import LOOPBACK, PROFILES, phase_plan, ratios
-from shared.model.model_split import load_config
+from shared.model.part_loading import load_config
 from splitfed.bench.wan_report import GOAL, expected_ratios, goal_check, markdown_table
 from splitfed.bench.wan_probe import probe_links
 from splitfed.bench.wan_run import echo, run_config, run_phases

@@ -29,7 +29,8 @@ from shared.data.dataset import Example, SiloDataset
 from shared.data.tokenizer import load_tokenizer
 from shared.model.adapters import AdapterConfig, apply_adapter
 from shared.model.loss import causal_lm_loss
-from shared.model.model_split import build_part, build_silo_parts, positions_from_mask
+from shared.model.part_loading import build_part, build_silo_parts
+from shared.model.model_split import positions_from_mask
 from shared.model.models import resolve_model_dir
 from shared.wire.compression import AUTO_FORMATS, SCHEMES, WIRE_FORMATS, dequantize, quantize, quantize_best
 from shared.wire.protocol import WIRE_DTYPE_BY_NAME, Kind

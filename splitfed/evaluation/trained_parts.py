@@ -15,7 +15,8 @@ import torch
 
 from shared.model.adapter_files import AdapterFileError
 from shared.model.adapters import AdapterConfig, apply_adapter, load_adapter_state_dict
-from shared.model.model_split import HeadPart, TailPart, TrunkPart, build_part, build_silo_parts
+from shared.model.model_split import HeadPart, TailPart, TrunkPart
+from shared.model.part_loading import build_part, build_silo_parts
 
 
 @dataclass

@@ -18,7 +18,8 @@ import torch
 from shared.model.adapters import adapter_state_dict, apply_adapter, unique_parameters
 from shared.model.batching import concat_padded, scatter_grads, take
 from shared.model.loss import causal_lm_loss
-from shared.model.model_split import build_part, build_silo_parts, positions_from_mask
+from shared.model.part_loading import build_part, build_silo_parts
+from shared.model.model_split import positions_from_mask
 from shared.model.optim import make_optimizer
 from shared.model.quantize import quantize_linears
 from splitfed.reference.reference_run import (

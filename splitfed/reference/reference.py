@@ -20,7 +20,8 @@ from shared.model.adapters import (
     with_prefix,
 )
 from shared.model.families import facts_for
-from shared.model.model_split import CACHE_ARG, SplitPlan, build_full_model
+from shared.model.model_split import CACHE_ARG, SplitPlan
+from shared.model.part_loading import build_full_model
 from shared.model.quantize import quantize_linears
 
 
