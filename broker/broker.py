@@ -35,7 +35,7 @@ from shared.runtime.metrics import RoleMetrics
 from shared.runtime.settings import BrokerSettings
 from shared.state.registry import Heartbeat, Registry
 from shared.state.run_config import run_config
-from shared.wire.control_text import SiloReport
+from shared.wire.control_text import AggAttempt, AggJoin, SiloReport
 from shared.wire.protocol import BEACON_SUFFIX, GENERATION_KINDS, ErrorReason, Kind, Reason
 from shared.wire.transport import ServerSecurity
 from shared.wire.wire import FrameError, Header, Message, message_from_wire
@@ -202,14 +202,23 @@ class Broker(BrokerAdmission, PeerLiveness, BrokerRecovery, BrokerRouting):
                 return
             self._forward_to_worker(self.workers[worker], frames)
         elif header.kind == Kind.AGG_JOIN:
-            self.rounds.join(silo, header.round, header.seq, self._active_silos())
+            try:
+                weight = AggJoin.from_text(_text_of(header, frames)).weight
+            except ValueError as exc:
+                self._reject("aggregation", str(exc), self.frontend, identity, header)
+                return
+            self.rounds.join(silo, header.round, weight, self._active_silos())
         elif header.kind == Kind.AGG_UPLOAD:
             try:
-                upload = message_from_wire([f.buffer for f in frames], self.settings.max_tensor_bytes).tensors[0]
+                msg = message_from_wire([f.buffer for f in frames], self.settings.max_tensor_bytes)
+                attempt = AggAttempt.from_text(msg.text).attempt
             except FrameError as exc:
                 self._reject(exc.reason, exc.detail, self.frontend, identity, header)
                 return
-            if why := self.rounds.upload(silo, header.round, header.seq, upload):
+            except ValueError as exc:
+                self._reject("aggregation", str(exc), self.frontend, identity, header)
+                return
+            if why := self.rounds.upload(silo, header.round, attempt, msg.tensors[0]):
                 self._reject("aggregation", why, self.frontend, identity, header)
         elif header.kind == Kind.CHECKPOINTED:
             self.rounds.checkpointed(silo, header.round)

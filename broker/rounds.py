@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shared.crypto import secure_agg
-from shared.wire.control_text import AggStart
+from shared.wire.control_text import AggAttempt, AggStart
 from shared.wire.protocol import Kind
 from shared.wire.wire import Message
 
@@ -145,7 +145,8 @@ class RoundAggregator:
                 return
             total = secure_agg.sum_uploads([state.uploads[s] for s in state.participants])
             for s in state.participants:
-                self.send(s, Message(Kind.AGG_RESULT, self.run_id, s, state.round, seq=state.attempt, tensors=[total]))
+                self.send(s, Message(Kind.AGG_RESULT, self.run_id, s, state.round,
+                                     text=AggAttempt(state.attempt).to_text(), tensors=[total]))
             summed = set(state.participants)
             log.info("round %d aggregated over %d silos (attempt %d)", state.round, len(summed), state.attempt)
         for s in sorted(state.joined.keys() - summed):
@@ -161,5 +162,5 @@ class RoundAggregator:
     def _start_attempt(self, state: RoundState) -> None:
         keys = [] if self.peer_keys is None else [self.peer_keys(list(state.participants))]
         for silo in state.participants:
-            self.send(silo, Message(Kind.AGG_START, self.run_id, silo, state.round, seq=state.attempt,
-                                    text=AggStart(tuple(state.participants)).to_text(), tensors=keys))
+            self.send(silo, Message(Kind.AGG_START, self.run_id, silo, state.round,
+                                    text=AggStart(state.attempt, tuple(state.participants)).to_text(), tensors=keys))

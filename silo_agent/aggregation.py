@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 
 from shared.crypto import secure_agg
-from shared.wire.control_text import AggStart
+from shared.wire.control_text import AggAttempt, AggJoin, AggStart
 from shared.wire.protocol import Kind
 from shared.crypto.peer_keys import HandedKeys
 from shared.wire.wire import FrameError, Message
@@ -43,24 +43,24 @@ class RoundAggregation:
         Returns once the broker closes the round (after the trunk workers' round checkpoint):
         with AGG_RESULT for a participant, ROUND_CLOSED for a silo that is not one.
         """
-        self.send(Message(Kind.AGG_JOIN, self.run_id, self.silo_id, rnd, seq=self.weight))
+        self.send(Message(Kind.AGG_JOIN, self.run_id, self.silo_id, rnd, text=AggJoin(self.weight).to_text()))
         ends = (Kind.AGG_START, Kind.ROUND_CLOSED)
         msg = self.await_msg(lambda m: m.kind in ends and m.round == rnd, f"the end of round {rnd}")
         while msg.kind == Kind.AGG_START:
-            participants = list(AggStart.from_text(msg.text).participants)
+            start = _agg_start(msg)
+            participants, attempt = list(start.participants), start.attempt
             self._take_peer_keys(msg)
-            self.send(Message(Kind.AGG_UPLOAD, self.run_id, self.silo_id, rnd, seq=msg.seq,
-                              tensors=[self._upload(rnd, msg.seq, participants)]))
-            attempt = msg.seq
+            self.send(Message(Kind.AGG_UPLOAD, self.run_id, self.silo_id, rnd, text=AggAttempt(attempt).to_text(),
+                              tensors=[self._upload(rnd, attempt, participants)]))
             msg = self.await_msg(lambda m: m.round == rnd and (m.kind in ends or
-                                                               (m.kind == Kind.AGG_RESULT and m.seq == attempt)),
+                                                               (m.kind == Kind.AGG_RESULT and _attempt_of(m) == attempt)),
                                  f"AGG_RESULT of round {rnd}")
             if msg.kind == Kind.AGG_RESULT:
                 secure_agg.unflatten_into(self.params, secure_agg.average_from_sum(msg.tensors[0]))
                 log.info("round %d: averaged with %d silos (attempt %d)", rnd, len(participants), attempt)
                 return True
             if msg.kind == Kind.AGG_START:
-                log.info("round %d: participant set changed (attempt %d), masking again", rnd, msg.seq)
+                log.info("round %d: participant set changed (attempt %d), masking again", rnd, _agg_start(msg).attempt)
         log.info("round %d closed without aggregation for this silo: keeping its weights", rnd)
         return False
 
@@ -86,3 +86,18 @@ class RoundAggregation:
         if public is None:
             raise secure_agg.SecureAggError("not_enrolled", f"participant {silo} is not enrolled in this run")
         return public
+
+
+def _agg_start(msg: Message) -> AggStart:
+    try:
+        return AggStart.from_text(msg.text)
+    except ValueError as exc:  # the broker's own message: a broken one ends the round for us
+        raise secure_agg.SecureAggError("bad_agg_start", f"round {msg.round}: {exc}") from None
+
+
+def _attempt_of(msg: Message) -> int | None:
+    """An AGG_RESULT's attempt; None (never awaited) when its text is malformed."""
+    try:
+        return AggAttempt.from_text(msg.text).attempt
+    except ValueError:
+        return None

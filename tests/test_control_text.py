@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.wire.control_text import AggStart, PeerIntro, ResumePoint, RoundEnd
+from shared.wire.control_text import AggAttempt, AggJoin, AggStart, PeerIntro, ResumePoint, RoundEnd
 from shared.state.run_config import claim_line, parse_claim
 from shared.wire.wire import FrameError
 
@@ -55,11 +55,29 @@ def test_a_malformed_round_end_is_a_schema_error(bad):
     assert info.value.reason == "schema"
 
 
-@given(st.lists(ids, max_size=8, unique=True))
-def test_agg_start_round_trips(participants):
-    start = AggStart(tuple(participants))
+@given(st.lists(ids, max_size=8, unique=True), st.integers(0, 2**31 - 1))
+def test_agg_start_round_trips(participants, attempt):
+    start = AggStart(attempt, tuple(participants))
     assert AggStart.from_text(start.to_text()) == start
-    assert AggStart.from_text(None) == AggStart(())
+
+
+@given(st.integers(0, 2**62), st.integers(0, 2**31 - 1))
+def test_agg_join_and_attempt_round_trip(weight, attempt):
+    assert AggJoin.from_text(AggJoin(weight).to_text()) == AggJoin(weight)
+    assert AggAttempt.from_text(AggAttempt(attempt).to_text()) == AggAttempt(attempt)
+
+
+@pytest.mark.parametrize("bad", [None, "", "weight=", "weight=-1", "weight=1.5", "weight=x", "attempt=3",
+                                 f"weight={2**62 + 1}", "weight=1;", " weight=1"])
+def test_a_malformed_agg_join_is_refused(bad):
+    with pytest.raises(ValueError):
+        AggJoin.from_text(bad)
+
+
+@pytest.mark.parametrize("bad", [None, "", "a,b", "attempt=;a", "attempt=-1;a", f"attempt={2**31};a", "weight=1;a"])
+def test_a_malformed_agg_start_is_refused(bad):
+    with pytest.raises(ValueError):
+        AggStart.from_text(bad)
 
 
 def test_a_silo_report_round_trips_and_nothing_else_gets_in():

@@ -44,12 +44,12 @@ def test_full_round_sums_uploads_and_commits():
     assert box.take(Kind.AGG_START) == []
     agg.join("b", 0, 20, active)
     starts = box.take(Kind.AGG_START)
-    assert sorted(s for s, _ in starts) == ["a", "b"] and all(m.text == "a,b" and m.seq == 0 for _, m in starts)
+    assert sorted(s for s, _ in starts) == ["a", "b"] and all(m.text == "attempt=0;a,b" and m.seq == 0 for _, m in starts)
     assert agg.upload("a", 0, 0, _vec(3)) is None
     assert box.take(Kind.AGG_RESULT) == []
     assert agg.upload("b", 0, 0, _vec(4)) is None
     results = box.take(Kind.AGG_RESULT)
-    assert len(results) == 2 and all(m.tensors[0].tolist() == [7, 7, 2] for _, m in results)
+    assert len(results) == 2 and all(m.tensors[0].tolist() == [7, 7, 2] and m.text == "attempt=0" for _, m in results)
     agg.checkpointed("a", 0)
     assert box.committed == []  # committed only once every silo holds a checkpoint of the round
     agg.checkpointed("b", 0)
@@ -64,7 +64,7 @@ def test_drop_before_commit_starts_a_new_attempt_without_the_dropped_silo():
     agg.upload("a", 0, 0, _vec(1))
     agg.drop("c", "went silent")
     starts = box.take(Kind.AGG_START)
-    assert sorted(s for s, _ in starts) == ["a", "b"] and all(m.seq == 1 and m.text == "a,b" for _, m in starts)
+    assert sorted(s for s, _ in starts) == ["a", "b"] and all(m.text == "attempt=1;a,b" for _, m in starts)
     assert agg.upload("b", 0, 0, _vec(2)) is not None  # the old attempt's upload is refused
     agg.upload("a", 0, 1, _vec(1))
     agg.upload("b", 0, 1, _vec(2))
@@ -102,7 +102,7 @@ def test_an_upload_of_another_size_excludes_its_sender():
     box.take(Kind.AGG_START)
     agg.upload("a", 0, 0, _vec(1))
     assert agg.upload("b", 0, 0, torch.zeros(5, dtype=torch.int64)) is not None
-    assert [m.text for _, m in box.take(Kind.AGG_START)] == ["a,c", "a,c"]
+    assert [m.text for _, m in box.take(Kind.AGG_START)] == ["attempt=1;a,c", "attempt=1;a,c"]
 
 
 def test_without_aggregation_the_round_still_closes_and_commits():

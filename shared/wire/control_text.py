@@ -7,7 +7,9 @@ round-trips every one). The wire itself is unchanged (shared/wire/protocol.py do
 * ``ResumePoint``  READY's ack ("resume=R") and ROLLBACK ("R"): the round to go on from.
 * ``PeerIntro``    a peer's READY: "incarnation=<hex>" and the run-config claim line.
 * ``RoundEnd``     ROUND_END (broker -> trunk, hierarchical): "w0,w1;silo0:100,silo1:80".
-* ``AggStart``     AGG_START (broker -> silo): the participants, comma-separated.
+* ``AggJoin``      AGG_JOIN (silo -> broker): "weight=N", the silo's FedAvg weight (sample count).
+* ``AggStart``     AGG_START (broker -> silo): "attempt=K;silo0,silo1", the attempt and its participants.
+* ``AggAttempt``   AGG_UPLOAD (silo -> broker) and AGG_RESULT (broker -> silo): "attempt=K".
 * ``SiloReport``   PROGRESS (silo -> broker): JSON of the fields `splitfed status` shows.
 """
 
@@ -95,18 +97,65 @@ class RoundEnd:
         return cls(workers, weights)
 
 
+MAX_AGG_WEIGHT = 2**62  # a sample count; the upload's int64 fixed point multiplies by it (secure_agg)
+MAX_ATTEMPT = 2**31 - 1
+
+
+def _counted(text: str | None, prefix: str, limit: int, what: str) -> int:
+    """The integer N of "<prefix>N", 0 <= N <= limit; ValueError otherwise (the caller refuses)."""
+    if not text or not text.startswith(prefix) or not text[len(prefix):].isdigit():
+        raise ValueError(f"bad {what} {text!r} (expected {prefix}N)")
+    value = int(text[len(prefix):])
+    if value > limit:
+        raise ValueError(f"{what} {value} is over {limit}")
+    return value
+
+
+@dataclass(frozen=True)
+class AggJoin:
+    """A silo's round is done; its FedAvg weight (its sample count, public like `samples` in Redis)."""
+
+    weight: int
+
+    def to_text(self) -> str:
+        return f"weight={self.weight}"
+
+    @classmethod
+    def from_text(cls, text: str | None) -> AggJoin:
+        return cls(_counted(text, "weight=", MAX_AGG_WEIGHT, "aggregation weight"))
+
+
+@dataclass(frozen=True)
+class AggAttempt:
+    """Which aggregation attempt of the round an upload or a result belongs to (a new attempt
+    starts whenever a participant drops before the commit point)."""
+
+    attempt: int
+
+    def to_text(self) -> str:
+        return f"attempt={self.attempt}"
+
+    @classmethod
+    def from_text(cls, text: str | None) -> AggAttempt:
+        return cls(_counted(text, "attempt=", MAX_ATTEMPT, "aggregation attempt"))
+
+
 @dataclass(frozen=True)
 class AggStart:
-    """The silos whose masked uploads make this aggregation attempt's sum (the attempt is the seq)."""
+    """An aggregation attempt: its number and the silos whose masked uploads make its sum."""
 
+    attempt: int
     participants: tuple[str, ...]
 
     def to_text(self) -> str:
-        return ",".join(self.participants)
+        return f"{AggAttempt(self.attempt).to_text()};{','.join(self.participants)}"
 
     @classmethod
     def from_text(cls, text: str | None) -> AggStart:
-        return cls(tuple(p for p in (text or "").split(",") if p))
+        attempt, sep, listed = (text or "").partition(";")
+        if not sep:
+            raise ValueError(f"bad AGG_START text {text!r} (expected attempt=K;silo,...)")
+        return cls(AggAttempt.from_text(attempt).attempt, tuple(p for p in listed.split(",") if p))
 
 
 # What a silo may report, and what each may hold: the broker writes these into the silo's Redis

@@ -59,14 +59,16 @@ class Kind(enum.IntEnum):
     BUNDLE           broker -> trunk: seq = n; followed in the same multipart message by n
                      members' FORWARD messages (each whole: header, payloads), one trunk batch.
 
-    Rounds and aggregation (shared/crypto/secure_agg.py); seq carries the attempt number:
-    AGG_JOIN         silo -> broker: the silo's steps of this round are done; seq = its sample
-                     count (the FedAvg weight, public like the `samples` field in Redis).
-    AGG_START        broker -> silo: text = the participant ids, comma-separated; seq = attempt;
+    Rounds and aggregation (shared/crypto/secure_agg.py; texts typed in shared/wire/control_text.py):
+    AGG_JOIN         silo -> broker: the silo's steps of this round are done; text = "weight=N",
+                     its sample count (the FedAvg weight, public like the `samples` field in Redis).
+    AGG_START        broker -> silo: text = "attempt=K;silo0,silo1" (AggStart: the attempt and its
+                     participants);
                      uint8[N], the participants' enrolled keys and certificates (shared/crypto/peer_keys.py),
                      which the silo verifies against its pinned operator key before masking with them.
-    AGG_UPLOAD       silo -> broker: int64[D+1], the masked weighted parameters and weight.
-    AGG_RESULT       broker -> silo: int64[D+1], the sum of the attempt's uploads.
+    AGG_UPLOAD       silo -> broker: int64[D+1], the masked weighted parameters and weight;
+                     text = "attempt=K" (AggAttempt).
+    AGG_RESULT       broker -> silo: int64[D+1], the sum of the attempt's uploads; text = "attempt=K".
     ROUND_END        broker -> trunk (hierarchical mode): text = "worker,...;silo:weight,..."
                      (the workers that average, and every participating silo's weight).
     TRUNK_SYNC       trunk -> broker -> every averaging worker: uint8[N], a worker's weighted
