@@ -11,7 +11,6 @@ Only the 2-D padding mask and the position ids cross the wire; every part rebuil
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +21,6 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from shared.model.adapters import prefix_cache, prefix_len, with_prefix
 from shared.model.families import FamilyFacts, facts_for
 
-
-# transformers 5.24 renamed the KV cache argument of the mask builders and of the decoder layers and
-# models from past_key_values to cache (the old name warns at every call and goes in 5.40); earlier
-# 5.x releases know only the old name. One release renames all of them together.
-CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 PARTS = ("head", "trunk", "tail")
 
@@ -135,14 +129,14 @@ class _Part(nn.Module):
             # trunk or tail, giving a T-key mask for P+T keys. Size it on a layer this part owns.
             layer_idx=self.layer_ids[0],
         )
-        mask_kwargs[CACHE_ARG] = cache
+        mask_kwargs["cache"] = cache
         # Always a 2-D mask, never None: with mask None and no cache, HF reads repeated position ids
         # (right padding from positions_from_mask) as packed sequences and builds a different mask.
         # Under SDPA it returns None when nothing is padded (plain is_causal): that is correct.
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in self._types.values():
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-        layer_kwargs = {"position_ids": position_ids, CACHE_ARG: cache}
+        layer_kwargs = {"position_ids": position_ids, "cache": cache}
         rotary = {}  # per layer type: Gemma 3's local and global layers rotate with other bases
         if self.facts.rotary:
             rotary_emb = self.get_submodule(self.facts.rotary)

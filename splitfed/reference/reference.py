@@ -20,7 +20,7 @@ from shared.model.adapters import (
     with_prefix,
 )
 from shared.model.families import facts_for
-from shared.model.model_split import CACHE_ARG, SplitPlan
+from shared.model.model_split import SplitPlan
 from shared.model.part_loading import build_full_model
 from shared.model.quantize import quantize_linears
 
@@ -59,7 +59,7 @@ class UnsplitModel:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            **{CACHE_ARG: cache},
+            cache=cache,
             # measured: with use_cache=False the layers still read and extend a cache that is passed
             # (Llama/Qwen2/Mistral/GPT-2 in 5.23); only the creation of a new one is skipped.
             use_cache=False,
