@@ -22,6 +22,8 @@ def goal_check(runs: list[dict]) -> dict:
             entry["met"] = all(got[p] is not None and got[p] >= GOAL[p] for p in ("metro", "wan"))
             entry["short_by"] = {p: round(GOAL[p] - got[p], 3) for p in ("metro", "wan")
                                  if got[p] is not None and got[p] < GOAL[p]}
+            entry["met_by_network_cost_alone"] = all(expected[p] is not None and expected[p] >= GOAL[p]
+                                                     for p in ("metro", "wan"))
     return out
 
 
