@@ -17,8 +17,10 @@ the relay; the relays stop with the hosts, and the qdiscs go with the veth ends 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import random
+import re
 import secrets
 import shutil
 import subprocess
@@ -39,6 +41,15 @@ def _ip(*args: str) -> None:
         raise NetnsUnavailable(f"`ip {' '.join(args)}` failed: {proc.stderr.strip()}")
 
 
+NET_LOCK = "/tmp/splitfed-netns.lock"
+
+
+def _nets_in_use() -> set[int]:
+    """The <net> of every 10.<net>.x.y address in this namespace (other federations' operator links)."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True).stdout
+    return {int(m) for m in re.findall(r"inet 10\.(\d+)\.", out)}
+
+
 def _tc(*args: str) -> None:
     proc = subprocess.run(["tc", *args], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -48,7 +59,7 @@ def _tc(*args: str) -> None:
 class NetnsHosts:
     def __init__(self, silo_ids: list[str]) -> None:
         self.tag = secrets.token_hex(3)
-        self.net = random.randint(200, 250)  # 10.<net>.0.0/16: one per federation, parallel runs apart
+        self.net = 0  # 10.<net>.0.0/16, one per federation: picked in __enter__ among the unused ones
         self.server = f"sf{self.tag}-srv"
         self.silo_ns = {sid: f"sf{self.tag}-s{i}" for i, sid in enumerate(silo_ids)}
         self.silo_index = {sid: i for i, sid in enumerate(silo_ids)}
@@ -77,8 +88,17 @@ class NetnsHosts:
         if shutil.which("ip") is None:
             raise NetnsUnavailable("no `ip` command (iproute2)")
         try:
-            self._add_ns(self.server)
-            self._link(None, "10.{}.0.1", self.server, self.operator_link, "o")
+            with open(NET_LOCK, "a") as lock:
+                # Two federations with the same 10.<net> would both route the operator's link from
+                # this namespace, and one would write its keys into the other's Redis: pick a net
+                # no link here uses, under a lock, and hold it until our operator link exists.
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                free = [n for n in range(200, 251) if n not in _nets_in_use()]
+                if not free:
+                    raise NetnsUnavailable("every 10.200-250.0.0/16 net is in use by other federations")
+                self.net = random.choice(free)
+                self._add_ns(self.server)
+                self._link(None, "10.{}.0.1", self.server, self.operator_link, "o")
             for sid, ns in self.silo_ns.items():
                 self._add_ns(ns)
                 i = self.silo_index[sid] + 1
