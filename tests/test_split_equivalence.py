@@ -29,7 +29,7 @@ from splitfed.reference.reference import UnsplitModel
 
 FAMILIES = ["llama", "qwen2", "gpt2"]
 # The families added to the table later (issue 15), each with its own features switched on in its
-# tiny config (shared/model_split._TINY_EXTRAS). Measured on this stack (torch 2.13 CPU,
+# tiny config (shared/model/tiny_models._TINY_EXTRAS). Measured on this stack (torch 2.13 CPU,
 # transformers 5.24): every loss, logit and gradient difference below is 0.0 for LoRA and prefix.
 NEW_FAMILIES = ["qwen3", "qwen3_moe", "mixtral", "phi3", "olmo2", "smollm3", "glm4", "granite", "gemma2",
                 "gemma3_text"]

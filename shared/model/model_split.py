@@ -185,13 +185,3 @@ class TailPart(_Part):
 
 
 _PART_CLASSES = {"head": HeadPart, "trunk": TrunkPart, "tail": TailPart}
-
-
-def __getattr__(name: str):  # TEMPORARY during the split (issue 16); removed before the session ends
-    import importlib
-
-    for module in ("shared.model.part_loading", "shared.model.tiny_models"):
-        mod = importlib.import_module(module)
-        if hasattr(mod, name):
-            return getattr(mod, name)
-    raise AttributeError(name)
