@@ -14,6 +14,7 @@ from shared.model.tiny_models import make_tiny_model_dir
 from shared.model.privacy_adapter import PrivacyAdapter, PrivacyAdapterConfig
 from splitfed.audit.attacks import Defense
 from splitfed.audit.cut import HeadBlocks, TrainedHead
+from splitfed.audit.defend_report import merge
 from splitfed.audit.utility import FinetuneSpec, SplitPipeline, finetune, finetune_cost
 from splitfed.cli import main
 
@@ -65,7 +66,7 @@ def test_defend_writes_a_report_with_every_kind_of_row(tiny_dir, tmp_path):
 def test_runs_side_by_side_merge_into_one_report_and_mismatched_runs_are_refused(tiny_dir, tmp_path):
     docs = []
     for name, args in (("a", ["--cuts", "1", "--sigma", "", "--strengths", ""]),
-                       ("b", ["--cuts", "", "--sigma", "", "--strengths", "0.5", "--rank", "8"])):
+                       ("b", ["--cuts", "", "--sigma", "", "--strengths", "0.5", "--rank", "8", "--no-public-attack"])):
         result = CliRunner().invoke(main, ["audit", "defend", "--model", str(tiny_dir), *FAST, *args,
                                            "--out-dir", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
@@ -75,12 +76,29 @@ def test_runs_side_by_side_merge_into_one_report_and_mismatched_runs_are_refused
     doc = json.loads((tmp_path / "m" / "defend.json").read_text())
     assert [r["label"] for r in doc["rows"]] == ["1 block, none", "1 block + learned 0.5"]
     assert doc["rows"][1]["run_config"]["rank"] == 8 and len(doc["runs"]) == 2
+    assert set(doc["rows"][1]["attacks"]) == {"retrained", "optimization", "nearest"}  # --no-public-attack
     assert "adapter rank 8" in (tmp_path / "m" / "defend.md").read_text()
     other = json.loads(docs[1].read_text())
     other["config"]["victims"] = 99
     docs[1].write_text(json.dumps(other))
     result = CliRunner().invoke(main, ["audit", "defend-merge", *map(str, docs), "--out-dir", str(tmp_path / "x")])
     assert result.exit_code != 0 and "not comparable" in result.output and "Traceback" not in result.output
+
+
+def test_merged_learned_rows_that_differ_in_a_setting_are_named_by_it():
+    def run(distortion):
+        row = dict(label="1 block + learned 3", kind="learned", cut=1, sigma=0.0, strength=3.0)
+        config = dict(model="m", victims=1, max_tokens=4, shadow=1, finetune={}, seed=0, learned_steps=1,
+                      optim_steps=1, rank=32, inverter_steps=2, inverter_lr=1e-3, adapter_lr=3e-3, warmup_steps=60,
+                      distortion=distortion)
+        return dict(model="m", config=config, clip_norms={"1": 1.0}, rows=[row], wall_s=1.0)
+
+    doc = merge([run(100.0), run(1.0)])
+    assert [r["label"] for r in doc["rows"]] == ["1 block + learned 3, distortion 100",
+                                                 "1 block + learned 3, distortion 1"]
+    assert [r["label"] for r in merge([run(1.0), run(1.0)])["rows"]] == ["1 block + learned 3"] * 2
+    with pytest.raises(ValueError, match="nothing to merge"):
+        merge([])
 
 
 def test_strength_zero_changes_nothing_about_the_fine_tune(tiny_dir):

@@ -48,7 +48,8 @@ class PrivacyAdapterConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    strength: float = Field(0.0, ge=0.0, description="lambda: weight of the inverter's loss subtracted from the task loss")
+    strength: float = Field(0.0, ge=0.0,
+                            description="lambda: weight of the inverter's loss subtracted from the task loss")
     rank: int = Field(32, ge=1, description="rank of the adapter's low-rank part")
     inverter_lr: float = Field(1e-3, gt=0.0, description="the silo inverter's Adam step size")
     inverter_steps: int = Field(2, ge=1, description="inverter updates per training step (on that step's activations)")
@@ -201,7 +202,8 @@ def warmup_step(adapter: PrivacyAdapter, adapter_opt: torch.optim.Optimizer, inv
     real = attention_mask.bool()
     change = (adapter(hidden) - hidden).pow(2).sum(-1) / hidden.pow(2).sum(-1).clamp_min(1e-12)
     distortion = change[real].mean()
-    loss = adversarial_term(inverter, defended, targets, attention_mask, table, cfg.strength) + cfg.distortion * distortion
+    adversarial = adversarial_term(inverter, defended, targets, attention_mask, table, cfg.strength)
+    loss = adversarial + cfg.distortion * distortion
     adapter_opt.zero_grad(set_to_none=True)
     loss.backward()
     adapter_opt.step()

@@ -143,7 +143,8 @@ def _cut_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--shadow", type=click.IntRange(1, 100000), default=768, show_default=True)
 @click.option("--cuts", default="1,2,4", show_default=True, callback=_cut_list,
               help="head blocks of the undefended rows ('' for none)")
-@click.option("--defense-cut", type=click.IntRange(1), default=1, show_default=True, help="head blocks of the noise rows")
+@click.option("--defense-cut", type=click.IntRange(1), default=1, show_default=True,
+              help="head blocks of the noise rows")
 @click.option("--sigma", "sigmas", default="0.5,2", show_default=True, callback=_float_list,
               help="clip + noise rows: noise std per coordinate ('' for none)")
 @click.option("--strengths", default="0.1,0.3,1", show_default=True, callback=_float_list,
@@ -163,6 +164,8 @@ def _cut_list(ctx, param, value: str) -> tuple[int, ...]:
               help="warm-up weight of the adapter's relative change of h1")
 @click.option("--learned-steps", type=click.IntRange(0), default=120, show_default=True, help="attacker training steps")
 @click.option("--optim-steps", type=click.IntRange(0), default=60, show_default=True)
+@click.option("--public-attack/--no-public-attack", default=True, show_default=True,
+              help="also attack learned rows with the public-weights attacker (a)")
 @click.option("--finetune-steps", type=click.IntRange(0), default=8, show_default=True)
 @click.option("--finetune-batch", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--max-length", type=click.IntRange(8, 4096), default=96, show_default=True,
@@ -173,8 +176,8 @@ def _cut_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="write defend.json, defend.md (after every row) and defend.png here")
 def defend(model, victims, max_tokens, shadow, cuts, defense_cut, sigmas, strengths, learned_cuts, learned_sigma,
-           rank, inverter_steps, inverter_lr, adapter_lr, warmup_steps, distortion, learned_steps, optim_steps, finetune_steps, finetune_batch, max_length,
-           eval_examples, seed, threads, out_dir) -> None:
+           rank, inverter_steps, inverter_lr, adapter_lr, warmup_steps, distortion, learned_steps, optim_steps,
+           public_attack, finetune_steps, finetune_batch, max_length, eval_examples, seed, threads, out_dir) -> None:
     """Attack each defense (none at deeper heads, clip + noise, the learned privacy adapter) with an
     attacker retrained on the silo's trained, defended head, beside the defense's BBC accuracy."""
     import torch
@@ -193,7 +196,8 @@ def defend(model, victims, max_tokens, shadow, cuts, defense_cut, sigmas, streng
                        defense_cut=defense_cut, sigmas=sigmas, strengths=strengths, learned_cuts=learned_cuts,
                        learned_sigma=learned_sigma, rank=rank, inverter_steps=inverter_steps, inverter_lr=inverter_lr,
                        adapter_lr=adapter_lr, warmup_steps=warmup_steps, distortion=distortion,
-                       learned_steps=learned_steps, optim_steps=optim_steps, seed=seed,
+                       learned_steps=learned_steps, optim_steps=optim_steps, public_attack=public_attack,
+                       seed=seed,
                        finetune=FinetuneSpec(steps=finetune_steps, batch_size=finetune_batch, max_length=max_length,
                                              eval_examples=eval_examples, seed=seed))
     started = time.perf_counter()

@@ -24,10 +24,15 @@ def _baseline(doc: dict) -> dict | None:
     return None
 
 
+def _label_blocks(k: int) -> str:
+    return f"{k} block{'s' if k > 1 else ''}"
+
+
 def markdown(doc: dict) -> str:
     base = _baseline(doc)
     head = ["Cut / defense", *[f"{TITLES[n]} tok. rec. %" for n in TITLES], "strongest tok. rec. %",
-            "BLEU-4 (a')", "BBC acc. % (vs none)", "held-out loss", "fine-tune s/step", "silo inverter loss first → last"]
+            "BLEU-4 (a')", "BBC acc. % (vs none)", "held-out loss", "fine-tune s/step",
+            "silo inverter loss first → last"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in doc["rows"]:
         a = row["attacks"]
@@ -57,7 +62,9 @@ def markdown(doc: dict) -> str:
         f"Goal of issue 19: strongest token recovery <= {TARGET_RECOVERY:.0f}% with accuracy within "
         f"{TARGET_ACCURACY_DROP:.0f} points of undefended. Reached by: "
         + (", ".join(r["label"] for r in reached(doc)) or "no row") + ".",
-        f"Wall time {doc.get('wall_s', 0):.0f} s on {doc['torch_threads']} torch threads.",
+        f"Wall time {doc.get('wall_s', 0):.0f} s on {doc['torch_threads']} torch threads"
+        + (f", summed over {len(doc['runs'])} runs made side by side; fine-tune s/step compares only rows of one "
+           "run (the load differed between runs)." if "runs" in doc else "."),
     ]
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
 
@@ -86,6 +93,15 @@ def reached(doc: dict) -> list[dict]:
             and r["utility"]["eval_accuracy"] >= floor]
 
 
+def _tag(row: dict) -> str:
+    if row["kind"] == "none":
+        return _label_blocks(row["cut"])
+    if row["kind"] == "noise":
+        return f"σ {row['sigma']:.3g}"
+    c = row.get("run_config") or {}
+    return f"λ {row['strength']:.3g}" + (f"/d {c['distortion']:.3g}" if "distortion" in c else "")
+
+
 def plot(doc: dict, out: Path) -> Path:
     try:
         import matplotlib
@@ -96,22 +112,24 @@ def plot(doc: dict, out: Path) -> Path:
         raise RuntimeError("the PNG needs matplotlib: pip install 'splitfed[plot]'") from None
     base = _baseline(doc)
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    series = {"noise": ("clip + noise (today)", "o"), "learned": ("learned privacy adapter", "s"),
-              "none": ("no defense, deeper heads", "^")}
-    for kind, (title, marker) in series.items():
-        pts = [r for r in doc["rows"] if r["kind"] == kind]
-        if kind != "none" and base is not None:
-            pts = [base, *pts]  # each curve starts at "no defense"
+    # one curve per kind (the learned defense: per cut; a curve starts at "no defense" of its cut)
+    series = [("noise", None, "clip + noise (today)", "o"), ("none", None, "no defense, deeper heads", "^")]
+    for k in sorted({r["cut"] for r in doc["rows"] if r["kind"] == "learned"}):
+        series.insert(1, ("learned", k, f"learned privacy adapter, {_label_blocks(k)}", "s"))
+    for kind, cut, title, marker in series:
+        pts = [r for r in doc["rows"] if r["kind"] == kind and (cut is None or r["cut"] == cut)]
+        start = next((r for r in doc["rows"] if r["kind"] == "none" and r["cut"] == (cut or 1)), None)
+        if kind != "none" and start is not None:
+            pts = [start, *pts]
         pts.sort(key=lambda r: -r["utility"]["eval_accuracy"])
         if not pts:
             continue
         ax.plot([r["utility"]["eval_accuracy"] for r in pts], [r["strongest"] for r in pts], marker=marker,
                 linewidth=1.5, label=title)
         for r in pts:
-            if r is not base or kind == "none":
-                ax.annotate(r["label"].split(", ")[-1] if kind == "none" else r["label"].split(" + ", 1)[-1],
-                            (r["utility"]["eval_accuracy"], r["strongest"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7)
+            if r["kind"] == kind:  # short tags: the table has the full labels
+                ax.annotate(_tag(r), (r["utility"]["eval_accuracy"], r["strongest"]), textcoords="offset points",
+                            xytext=(3, -10 if kind == "learned" else 4), fontsize=7)
     if base is not None:
         x0 = base["utility"]["eval_accuracy"] - TARGET_ACCURACY_DROP
         ax.fill_between([x0, 100], 0, TARGET_RECOVERY, color="green", alpha=0.12, label="issue 19 goal")
@@ -121,7 +139,7 @@ def plot(doc: dict, out: Path) -> Path:
     ax.set_ylim(0, 100)
     ax.set_title(f"{doc['model']}: privacy vs utility against a retrained attacker", fontsize=11)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
@@ -146,6 +164,13 @@ def merge(docs: list[dict]) -> dict:
         out["rows"] += [dict(r, run_config={k: doc["config"][k] for k in ("rank", "inverter_steps", "inverter_lr",
                                                                           "adapter_lr", "warmup_steps", "distortion")})
                         for r in doc["rows"]]
+    # runs that differ in the learned settings would give rows of one label: name the setting that differs
+    learned = [r for r in out["rows"] if r["kind"] == "learned"]
+    for key, name in (("distortion", "distortion"), ("adapter_lr", "adapter lr"), ("warmup_steps", "warm-up"),
+                      ("rank", "rank")):
+        if len({r["run_config"][key] for r in learned}) > 1:
+            for r in learned:
+                r["label"] += f", {name} {r['run_config'][key]:.3g}"
     out["wall_s"] = sum(d.get("wall_s") or 0 for d in docs)
     return out
 

@@ -65,6 +65,7 @@ class DefendConfig:
     learned_steps: int = 120
     optim_steps: int = 60
     optim_lr: float = 1.0
+    public_attack: bool = True  # also attacker (a) on learned rows: shows what retraining adds
     finetune: FinetuneSpec = field(default_factory=FinetuneSpec)
     seed: int = 0
 
@@ -125,7 +126,7 @@ def _attack_row(cfg: DefendConfig, row: dict, index: int, defense: Defense, trai
                                       defense, cfg.learned_steps, seed=cfg.seed,
                                       on_step=_progress(log, "retrained attacker", every))
     guesses = {"retrained": retrained(observed, victims.attention_mask)}
-    if defense.adapted:  # otherwise the public head differs only by the LoRA: (a') covers it
+    if defense.adapted and cfg.public_attack:  # otherwise the public head differs only by the LoRA: (a') covers it
         naive = LearnedInverter.train(_stack(public, shadow, k), shadow.input_ids, shadow.attention_mask, public,
                                       Defense(defense.clip_norm, defense.sigma), cfg.learned_steps, seed=cfg.seed,
                                       on_step=_progress(log, "public-weights attacker", every))

@@ -118,9 +118,10 @@ class SplitPipeline:
             batch = data.batch(step)
             with torch.no_grad():
                 hidden = self.head(batch.input_ids, batch.attention_mask, positions_from_mask(batch.attention_mask))
-            loss, _ = warmup_step(self.adapter, self.adapter_opt, self.inverter, self.inverter_opt, hidden,
-                                  self.vocab.targets(batch.input_ids, batch.attention_mask), batch.attention_mask, self.table, cfg, defense.clip_norm,
-                                  defense.sigma, noise_generator(seed, "utility-warmup", step))
+            targets = self.vocab.targets(batch.input_ids, batch.attention_mask)
+            loss, _ = warmup_step(self.adapter, self.adapter_opt, self.inverter, self.inverter_opt, hidden, targets,
+                                  batch.attention_mask, self.table, cfg, defense.clip_norm, defense.sigma,
+                                  noise_generator(seed, "utility-warmup", step))
             self.warmup_losses.append(loss)
 
     def training_loss(self, batch, defense: Defense, generator: torch.Generator) -> torch.Tensor:
