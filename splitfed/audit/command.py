@@ -79,18 +79,10 @@ def invert(model, victims, max_tokens, shadow, cuts, defense_cut, clip_norm, sig
     of three attacks for each cut and defense, beside each defense's fine-tune cost.
 
     Progress goes to stderr. The """ + FAST_DEFAULTS_NOTE + "."
-    import torch
-
-    from shared.model.models import resolve_model_dir
     from splitfed.audit.report import markdown, write_report
     from splitfed.audit.runner import AuditConfig, run_audit
 
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        resolve_model_dir(model)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--model") from None
+    _check_model(model, threads)
     cfg = AuditConfig(model=model, victims=victims, max_tokens=max_tokens, shadow=shadow, cuts=cuts,
                       defense_cut=defense_cut, clip_norm=clip_norm, sigmas=sigmas, learned_steps=learned_steps,
                       optim_steps=optim_steps, optim_lr=optim_lr, seed=seed,
@@ -180,18 +172,10 @@ def defend(model, victims, max_tokens, shadow, cuts, defense_cut, sigmas, streng
            public_attack, finetune_steps, finetune_batch, max_length, eval_examples, seed, threads, out_dir) -> None:
     """Attack each defense (none at deeper heads, clip + noise, the learned privacy adapter) with an
     attacker retrained on the silo's trained, defended head, beside the defense's BBC accuracy."""
-    import torch
-
-    from shared.model.models import resolve_model_dir
     from splitfed.audit.defend_report import markdown, write_report
     from splitfed.audit.defended import DefendConfig, run_defend
 
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        resolve_model_dir(model)
-    except (FileNotFoundError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--model") from None
+    _check_model(model, threads)
     cfg = DefendConfig(model=model, victims=victims, max_tokens=max_tokens, shadow=shadow, cuts=cuts,
                        defense_cut=defense_cut, sigmas=sigmas, strengths=strengths, learned_cuts=learned_cuts,
                        learned_sigma=learned_sigma, rank=rank, inverter_steps=inverter_steps, inverter_lr=inverter_lr,
@@ -234,3 +218,17 @@ def defend_merge(runs, out_dir) -> None:
     for path in write_report(doc, out_dir):
         click.echo(f"wrote {path}", err=True)
     sys.stdout.write(markdown(doc))
+
+
+def _check_model(model: str, threads: int | None) -> None:
+    """The thread count for torch, and a clear usage error for a model that cannot be resolved."""
+    import torch
+
+    from shared.model.models import resolve_model_dir
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        resolve_model_dir(model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--model") from None

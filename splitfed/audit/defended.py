@@ -36,6 +36,7 @@ from shared.model.privacy_adapter import PrivacyAdapterConfig
 from splitfed.audit.attacks import Defense, LearnedInverter, nearest_embedding_attack, optimization_attack
 from splitfed.audit.cut import HeadBlocks, TrainedHead
 from splitfed.audit.metrics import score_inversion
+from splitfed.audit.runner import _progress, _stack_cuts
 from splitfed.audit.texts import TokenWindows, shadow_windows, victim_windows
 from splitfed.audit.utility import FinetuneSpec, finetune
 
@@ -102,32 +103,18 @@ def _defense(cfg: DefendConfig, row: dict, clip_norm: float) -> Defense:
     return Defense(clip_norm if row["sigma"] > 0 else None, row["sigma"], learned)
 
 
-def _stack(head: HeadBlocks, windows: TokenWindows, k: int) -> torch.Tensor:
-    return torch.cat([head.cut(i, m, k) for i, m in zip(windows.input_ids.split(64), windows.attention_mask.split(64))])
-
-
-def _progress(log: Log, label: str, every: int) -> Callable[[int, int, float], None]:
-    started = time.perf_counter()
-
-    def on_step(step: int, steps: int, loss: float) -> None:
-        if step % every == 0 or step == steps:
-            log(f"  {label}: step {step}/{steps}, loss {loss:.4f}, {time.perf_counter() - started:.0f} s")
-
-    return on_step
-
-
 def _attack_row(cfg: DefendConfig, row: dict, index: int, defense: Defense, trained: TrainedHead,
                 public: HeadBlocks, victims: TokenWindows, shadow: TokenWindows, tokenizer, log: Log) -> dict:
     k = row["cut"]
     observed = defense.apply(trained.cut(victims.input_ids, victims.attention_mask, k), victims.attention_mask,
                              noise_generator(cfg.seed, "victim", index))
     every = max(1, cfg.learned_steps // 3)
-    retrained = LearnedInverter.train(_stack(trained, shadow, k), shadow.input_ids, shadow.attention_mask, trained,
+    retrained = LearnedInverter.train(_stack_cuts(trained, shadow, k), shadow.input_ids, shadow.attention_mask, trained,
                                       defense, cfg.learned_steps, seed=cfg.seed,
                                       on_step=_progress(log, "retrained attacker", every))
     guesses = {"retrained": retrained(observed, victims.attention_mask)}
     if defense.adapted and cfg.public_attack:  # otherwise the public head differs only by the LoRA: (a') covers it
-        naive = LearnedInverter.train(_stack(public, shadow, k), shadow.input_ids, shadow.attention_mask, public,
+        naive = LearnedInverter.train(_stack_cuts(public, shadow, k), shadow.input_ids, shadow.attention_mask, public,
                                       Defense(defense.clip_norm, defense.sigma), cfg.learned_steps, seed=cfg.seed,
                                       on_step=_progress(log, "public-weights attacker", every))
         guesses["public"] = naive(observed, victims.attention_mask)
@@ -156,7 +143,7 @@ def run_defend(cfg: DefendConfig, log: Log, on_row: Callable[[dict], None] | Non
     victims = victim_windows(tokenizer, cfg.victims, cfg.max_tokens, cfg.seed)
     shadow = shadow_windows(tokenizer, cfg.shadow, cfg.max_tokens, cfg.seed + 1)
     real = shadow.attention_mask.bool()
-    clip_norms = {k: cfg.clip_norm or float(_stack(public, shadow, k).norm(dim=-1)[real].median())
+    clip_norms = {k: cfg.clip_norm or float(_stack_cuts(public, shadow, k).norm(dim=-1)[real].median())
                   for k in sorted({r["cut"] for r in rows})}
     log(f"{cfg.model}: {len(victims.input_ids)} victim texts, {len(shadow.input_ids)} shadow windows; "
         f"clip norms {', '.join(f'cut {k}: {v:.3g}' for k, v in clip_norms.items())}")
