@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.wire.chunks import DEFAULT_CHUNK_BYTES, check_chunk_bytes
@@ -163,7 +163,16 @@ class SiloSettings(CryptoSettings):
                                   "through the trunk (KV caches on both sides)")
     generate_out: Path | None = Field(None, description="write the generated texts and per-step frame sizes here (JSON)")
     max_new_tokens: int = Field(16, ge=1, le=1024, description="tokens per completion with --generate (greedy)")
-    micro_batches: int = Field(1, ge=1, description="serial mode: cut each step's batch into this many micro-batches "
-                               "(gradient accumulation, one optimizer step); the silo computes the next one's head "
-                               "while the trunk works on the previous")
+    micro_batches: int | Literal["auto"] = Field(1, description="serial and client-batch: cut each step's batch "
+                                                 "into this many micro-batches (gradient accumulation, one optimizer "
+                                                 "step, exact); the silo computes the next one's head while the trunk "
+                                                 "works on the previous and the network carries the rest. 'auto': "
+                                                 "measure the round trip and the trunk's time over the first steps and "
+                                                 "keep enough in flight to cover one round trip")
 
+    @field_validator("micro_batches")
+    @classmethod
+    def _micro_batches_positive(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("micro_batches must be >= 1 or 'auto'")
+        return value
