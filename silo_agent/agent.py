@@ -47,6 +47,7 @@ from silo_agent.aggregation import RoundAggregation
 from silo_agent.generation import generate_live
 from silo_agent.microbatch import run_microbatched_step
 from silo_agent.peer_errors import PeerError, Reregister, Retry, Rollback, Straggler
+from silo_agent.privacy_defense import SiloPrivacyDefense, privacy_config
 from silo_agent.registration import SiloRegistration
 from silo_agent.replies import SiloReplies
 from silo_agent.round_state import SiloRounds
@@ -85,6 +86,9 @@ class SiloAgent(SiloRegistration, SiloRounds):
         if settings.cut_noise_seed is not None:
             defense["seed"] = settings.cut_noise_seed
         self.cut_defense = CutDefenseConfig(**defense)
+        privacy = privacy_config(settings)  # the learned defense (silo_agent/privacy_defense.py); None: off
+        self.privacy = None if privacy is None else SiloPrivacyDefense(
+            privacy, self.cut_defense, self.head, self.dataset, settings.silo_index, settings.seed)
         self._stopping = False
         self.metrics = RoleMetrics("silo", settings.silo_id, settings.metrics_port, settings.metrics_addr)
         self.codec = self._make_codec(settings)
@@ -122,6 +126,8 @@ class SiloAgent(SiloRegistration, SiloRounds):
         signal.signal(signal.SIGTERM, self._on_sigterm)
         started = time.perf_counter()
         try:
+            if self.privacy is not None and not (s.checkpoint_dir and checkpoint.rounds_on_disk(self._checkpoints)):
+                self.privacy.warm_up()  # once, before the state a rollback of round 0 returns to
             if s.checkpoint_dir is not None and not checkpoint.rounds_on_disk(self._checkpoints):
                 self._save_checkpoint(-1)  # the state before step 0: where a rollback of round 0 returns
             step = self._resume(self._register())
@@ -187,12 +193,16 @@ class SiloAgent(SiloRegistration, SiloRounds):
         positions = positions_from_mask(mask)
 
         h1 = self.head(batch.input_ids, mask, positions)
-        if self.cut_defense.enabled:  # blur what the trunk operator could invert, before sealing
+        if self.privacy is not None:  # the learned adapter, then the cut defense's clipping and noise
+            h1 = self.privacy.defend(h1, batch.input_ids, mask, rnd, step)
+        elif self.cut_defense.enabled:  # blur what the trunk operator could invert, before sealing
             h1 = protect_cut_with(self.cut_defense, h1, mask, s.silo_index, rnd, step)
         forward = Message(Kind.FORWARD, s.run_id, s.silo_id, rnd, step, tensors=[
             h1.detach().to(self.wire_dtype), mask.to(torch.uint8), positions.to(torch.int32)])
         for attempt in range(1, MAX_STEP_ATTEMPTS + 1):
             self.send(forward)
+            if self.privacy is not None:
+                self.privacy.train_inverter()  # the silo's own inverter learns while the trunk works
             try:
                 return self._finish_step(step, rnd, batch, h1, mask, positions, started)
             except Straggler as exc:
@@ -224,7 +234,10 @@ class SiloAgent(SiloRegistration, SiloRounds):
         self.send(Message(Kind.BACKWARD, s.run_id, s.silo_id, rnd, step, tensors=[h2.grad.to(self.wire_dtype)]))
         reply = self.await_reply(Kind.BACKWARD_RESULT, step)
 
-        h1.backward(reply.tensors[0].to(h1.dtype))  # grads of the head
+        if self.privacy is not None:  # dL/dh1 plus the adversarial term's gradient; the adapter's own step
+            self.privacy.backward(h1, reply.tensors[0].to(h1.dtype))
+        else:
+            h1.backward(reply.tensors[0].to(h1.dtype))  # grads of the head
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -234,7 +247,7 @@ class SiloAgent(SiloRegistration, SiloRounds):
     def _record_step(self, step: int, rnd: int, value: float, trunk_seq: int, started: float) -> float:
         s = self.settings
         self.history.append({"round": rnd, "step": step, "loss": value, "trunk_seq": trunk_seq,
-                             "t": round(time.time(), 4)})
+                             "t": round(time.time(), 4), **(self.privacy.step_record() if self.privacy else {})})
         self.timeline.step_done(step)
         self.metrics.step(time.perf_counter() - started)
         # On a terminal the progress bar shows each step; a log line would tear it.

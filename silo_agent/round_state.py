@@ -37,6 +37,8 @@ class SiloRounds:
     def _save_checkpoint(self, rnd: int) -> None:
         tensors = {f"param/{i}": p for i, p in enumerate(self.trainable)}
         tensors.update(checkpoint.optimizer_tensors(self.optimizer))
+        if self.privacy is not None:  # the silo's own adapter and inverter: restored with the head
+            tensors.update(self.privacy.state_tensors())
         checkpoint.save(self._checkpoints, rnd, tensors, {"round": rnd, "history": self.history})
 
     def _resume(self, rnd: int) -> int:
@@ -62,6 +64,8 @@ class SiloRounds:
             for i, p in enumerate(self.trainable):
                 p.copy_(tensors[f"param/{i}"])
         checkpoint.load_optimizer_tensors(self.optimizer, tensors)
+        if self.privacy is not None:
+            self.privacy.load_state_tensors(tensors)
         self._zero_grad()
         self.history = meta.get("history", [])
         log.info("resumed from the checkpoint of round %d: next step %d", rnd, first)
@@ -74,11 +78,15 @@ class SiloRounds:
             tensors = {**adapter_state_dict(self.head), **adapter_state_dict(self.tail)}
             tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
             _atomic(s.save_dir / f"{s.silo_id}.safetensors", lambda p: save_file(tensors, str(p)))
+            if self.privacy is not None:  # never among the federated parts: save_dir/privacy/
+                self.privacy.save(s.save_dir, s.silo_id)
         if s.results is not None:
             crypto_s = self.codec.crypto_seconds() if isinstance(self.codec, SealedCodec) else 0.0
             doc = {"silo_id": s.silo_id, "silo_index": s.silo_index, "steps": self.history, "wall_s": wall_s,
                    "encryption": isinstance(self.codec, SealedCodec), "crypto_s": crypto_s,
                    "timeline": list(self.timeline.rows)}
+            if self.privacy is not None:
+                doc["privacy"] = self.privacy.summary()
             _atomic(s.results, lambda p: p.write_text(json.dumps(doc, indent=1)))
 
 

@@ -159,6 +159,19 @@ class SiloSettings(CryptoSettings):
                                    "activations (0: none)")
     cut_noise_seed: int | None = Field(None, ge=0, description="SECRET seed of that noise (default: random per "
                                        "process; never share it with the trunk operator)")
+    # The learned defense (shared/model/privacy_adapter.py, silo_agent/privacy_defense.py); defaults
+    # are the setting `splitfed audit defend` measured (README, issue 19). It did NOT reach its privacy
+    # goal there: treat the trunk operator as able to read the silo's text all the same.
+    privacy_strength: float = Field(0.0, ge=0, description="privacy: lambda of the learned privacy adapter, "
+                                    "trained against the silo's own inverter (0: off; needs --micro-batches 1)")
+    privacy_rank: int = Field(32, ge=1, description="privacy: rank of the adapter's low-rank map (<= hidden size)")
+    privacy_lr: float = Field(3e-3, gt=0, description="privacy: the adapter's own Adam step size")
+    privacy_distortion: float = Field(100.0, ge=0, description="privacy: warm-up weight of the adapter's "
+                                      "relative change of the head's output")
+    privacy_warmup_steps: int = Field(60, ge=0, description="privacy: head-only adapter/inverter steps on "
+                                      "the silo's own batches before training (not on resume)")
+    privacy_inverter_lr: float = Field(1e-3, gt=0, description="privacy: the silo inverter's Adam step size")
+    privacy_inverter_steps: int = Field(2, ge=1, description="privacy: inverter updates per training step")
     generate: Path | None = Field(None, description="after training, complete these JSONL prompts by split generation "
                                   "through the trunk (KV caches on both sides)")
     generate_out: Path | None = Field(None, description="write the generated texts and per-step frame sizes here (JSON)")

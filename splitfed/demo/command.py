@@ -55,6 +55,9 @@ from shared.wire.compression import CAST_FORMATS
               help="privacy defense: clip each cut activation token to this L2 norm on the silo")
 @click.option("--cut-noise-sigma", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="privacy defense: Gaussian noise std on the (clipped) cut activations")
+@click.option("--privacy-strength", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="learned privacy defense: lambda of the silos' privacy adapter, trained against each silo's "
+                   "own inverter (0: off; other SPLITFED_PRIVACY_* settings via --role-env)")
 @click.option("--kill", "kills", multiple=True, metavar="ROLE@STEP|ROLE@POINT",
               help="fault injection: SIGKILL ROLE (broker, trunk, siloN, redis) when the run reaches STEP, "
                    "or at a named fail point (broker@uncommitted-hello: between the first round's aggregation "
@@ -96,8 +99,9 @@ def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, 
 
     result, rows = run_federation(cfg, run_dir, key_prefix, started)
     if check_centralized:
-        if cfg.cut_clip_norm or cfg.cut_noise_sigma:
-            click.echo("note: the reference has no cut defense; expect the losses to differ", err=True)
+        if cfg.cut_clip_norm or cfg.cut_noise_sigma or cfg.privacy_strength:
+            click.echo("note: the reference has no cut defense and no privacy adapter; expect the losses to differ",
+                       err=True)
         if cfg.wire_dtype not in CAST_FORMATS:
             click.echo(f"note: the reference has no wire; {cfg.wire_dtype} is lossy, expect the losses to differ "
                        "(its accuracy effect: splitfed experiment bbc --wire-dtype; its error: splitfed bench wire)",

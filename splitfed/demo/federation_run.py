@@ -45,6 +45,7 @@ class DemoConfig:
     trunk_quant: str = "none"
     cut_clip_norm: float | None = None
     cut_noise_sigma: float = 0.0
+    privacy_strength: float = 0.0  # the learned privacy adapter's lambda: silos only (SPLITFED_PRIVACY_STRENGTH)
     kills: tuple[str, ...] = ()
     role_env: tuple[str, ...] = ()  # "ROLE:SPLITFED_NAME=VALUE": one role's own extra environment
     hosts: str = "local"  # "netns": the server side and each silo on a host (network namespace) of its own
@@ -163,7 +164,13 @@ def launch(fed, cfg: DemoConfig, ports: tuple[int, int], data: list[Path], run_d
                         "--results", str(run_dir / "results" / f"{sid}.json"),
                         "--save-dir", str(run_dir / "weights"), "--cut-noise-sigma", repr(cfg.cut_noise_sigma),
                         *(["--cut-clip-norm", repr(cfg.cut_clip_norm)] if cfg.cut_clip_norm else [])],
-                  env=keys_env.get(sid), prefix=tuple(hosts.prefix(sid)) if hosts is not None else ())
+                  env={**_privacy_env(cfg), **(keys_env.get(sid) or {})},
+                  prefix=tuple(hosts.prefix(sid)) if hosts is not None else ())
+
+
+def _privacy_env(cfg: DemoConfig) -> dict[str, str]:
+    """The learned defense is the silo's own business: the trunk and the broker never get it."""
+    return {"SPLITFED_PRIVACY_STRENGTH": repr(cfg.privacy_strength)} if cfg.privacy_strength else {}
 
 
 def launch_servers(fed, cfg: DemoConfig, ports: tuple[int, int], keys_env: dict[str, dict[str, str]],
