@@ -110,6 +110,19 @@ def test_round_trip_both_directions(cipher, trunk, silo_a, allow):
     assert torch.equal(back.tensors[0], msg.tensors[0] * 2)
 
 
+def test_the_more_pieces_flag_is_sealed_with_the_header(trunk, silo_a, allow):
+    """The broker reads FLAG_MORE to group micro-batches; it cannot change it unnoticed."""
+    silo, trunk_s = handshake(silo_a, trunk, allow)
+    msg = forward(silo_a.silo_id)
+    msg.more = True
+    frames = as_bytes(seal_message(silo, msg))
+    assert split_frames(frames)[0].more
+    cleared = bytearray(frames[0])
+    cleared[6] &= ~4
+    refused(trunk_s, [bytes(cleared), *frames[1:]])
+    assert open_message(trunk_s, frames).more
+
+
 def test_sealed_frames_pass_split_frames_and_hide_plaintext(trunk, silo_a, allow):
     silo, trunk_s = handshake(silo_a, trunk, allow)
     msg = forward(silo_a.silo_id)

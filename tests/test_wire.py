@@ -65,6 +65,31 @@ def test_backward_result_carries_the_applied_counter():
     rejected(to_bytes(message_to_wire(bad)), "schema")
 
 
+def test_backward_result_carries_the_trunks_compute_time_too():
+    msg = Message(Kind.BACKWARD_RESULT, "r", "s", tensors=[torch.randn(1, 2, 8), torch.tensor([41, 12345])])
+    assert message_from_wire(to_bytes(message_to_wire(msg))).tensors[1].tolist() == [41, 12345]
+    bad = Message(Kind.BACKWARD_RESULT, "r", "s", tensors=[torch.randn(1, 2, 8), torch.tensor([1, 2, 3])])
+    rejected(to_bytes(message_to_wire(bad)), "schema")
+
+
+def test_a_forward_says_whether_more_pieces_of_its_step_follow():
+    msg = forward_msg()
+    assert not message_from_wire(to_bytes(message_to_wire(msg))).more
+    msg.more = True
+    frames = to_bytes(message_to_wire(msg))
+    assert header_from_wire(frames[0]).more and message_from_wire(frames).more
+
+
+def test_only_a_forward_may_say_more_pieces_follow():
+    frames = to_bytes(message_to_wire(forward_msg()))
+    h = bytearray(to_bytes(message_to_wire(Message(Kind.BACKWARD, "r", "s", tensors=[torch.randn(1, 2, 8)])))[0])
+    h[6] |= 4  # FLAG_MORE on a BACKWARD
+    with pytest.raises(FrameError) as err:
+        header_from_wire(bytes(h))
+    assert err.value.reason == "bad_field" and "only a FORWARD" in str(err.value)
+    assert message_from_wire(frames).kind == Kind.FORWARD
+
+
 @pytest.mark.parametrize("kind", [Kind.HELLO, Kind.HELLO_ACK])
 def test_handshake_kinds_carry_one_bounded_byte_vector(kind):
     hello = torch.arange(196, dtype=torch.int64).to(torch.uint8)

@@ -40,6 +40,12 @@ from trunk_worker.step_error import StepError
 log = logging.getLogger("trunk")
 
 
+def step_counters(updates: int, busy_s: float) -> torch.Tensor:
+    """A BACKWARD_RESULT's second tensor: the update counter, and this piece's trunk compute time in
+    microseconds (a silo sizes its micro-batches by it: silo_agent/microbatch_depth.py)."""
+    return torch.tensor([updates, round(busy_s * 1e6)], dtype=torch.int64)
+
+
 @dataclass
 class TrunkModel:
     trunk: torch.nn.Module
@@ -153,15 +159,16 @@ class SerialSteps:
         wire = self.model.wire_dtype
         if not last:  # a micro-batch: its gradients accumulate until the step's last one
             return Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
-                           tensors=[h1.grad.to(wire), torch.tensor([self.updates], dtype=torch.int64)])
+                           tensors=[h1.grad.to(wire), step_counters(self.updates, forward_s + time.perf_counter() - started)])
         optimizer = self._optimizer_for(msg.silo_id)
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         self.updates += 1
         self.ctx.timeline.step_done_after_busy(msg.step)
-        self.ctx.metrics.step(forward_s + time.perf_counter() - started)
-        applied = torch.tensor([self.updates], dtype=torch.int64)
+        busy_s = forward_s + time.perf_counter() - started
+        self.ctx.metrics.step(busy_s)
+        applied = step_counters(self.updates, busy_s)
         result = Message(Kind.BACKWARD_RESULT, msg.run_id, msg.silo_id, msg.round, msg.step,
                          tensors=[h1.grad.to(wire), applied])
         forwarded = self.forwarded.pop(msg.silo_id, None)

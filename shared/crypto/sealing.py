@@ -323,6 +323,7 @@ def open_message(session: Session, frames: Sequence, max_tensor_bytes: int | Non
     out = [take(d.nbytes) for d in header.tensors] if take is not None and HAS_INTO else None
     bufs = session.open(header_bytes, payloads, out=out, header=header)
     tensors = expand_tensors([tensor_from_wire(d, b) for d, b in zip(header.tensors, bufs)])
-    msg = Message(header.kind, header.run_id, header.silo_id, header.round, header.step, header.seq, tensors)
+    msg = Message(header.kind, header.run_id, header.silo_id, header.round, header.step, header.seq, tensors,
+                  more=header.more)
     check_schema(msg)
     return msg

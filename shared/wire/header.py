@@ -28,7 +28,11 @@ TENSOR_DESC = struct.Struct(f"<BBBx{MAX_NDIM}I")
 
 FLAG_SEALED = 1
 FLAG_HAS_TEXT = 2
-KNOWN_FLAGS = FLAG_SEALED | FLAG_HAS_TEXT
+# A FORWARD that is not its step's last piece: more micro-batches of the step follow
+# (silo_agent/microbatch.py). In the header, so the broker can group pieces into trunk batches
+# without opening them, and authenticated with it (it is part of the sealed frames' associated data).
+FLAG_MORE = 4
+KNOWN_FLAGS = FLAG_SEALED | FLAG_HAS_TEXT | FLAG_MORE
 
 DEFAULT_MAX_TENSOR_BYTES = 256 * 1024 * 1024
 
@@ -78,6 +82,10 @@ class Header:
     @property
     def has_text(self) -> bool:
         return bool(self.flags & FLAG_HAS_TEXT)
+
+    @property
+    def more(self) -> bool:
+        return bool(self.flags & FLAG_MORE)
 
     @property
     def n_frames(self) -> int:
@@ -145,6 +153,8 @@ def header_from_wire(raw: bytes | memoryview, max_tensor_bytes: int = DEFAULT_MA
         raise FrameError("bad_kind", str(kind)) from exc
     if flags & ~KNOWN_FLAGS:
         raise FrameError("bad_field", f"unknown flags {flags:#x}")
+    if flags & FLAG_MORE and kind != Kind.FORWARD:
+        raise FrameError("bad_field", f"{kind.name} cannot say more pieces follow (only a FORWARD is cut in pieces)")
     if n_tensors > MAX_TENSORS:
         raise FrameError("too_large", f"{n_tensors} tensors")
     expected = HEADER.size + n_tensors * TENSOR_DESC.size

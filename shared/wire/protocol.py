@@ -32,10 +32,13 @@ class Kind(enum.IntEnum):
                      the peer's run config (shared/state/run_config.py); one that differs is refused.
     HEARTBEAT        either way, no tensors: liveness.
     FORWARD          silo -> trunk: hidden h1 float[B,T,H], mask uint8[B,T], positions int[B,T].
+                     Flag MORE: a micro-batch of the step, more of its pieces follow.
     FORWARD_RESULT   trunk -> silo: hidden h2 float[B,T,H].
     BACKWARD         silo -> trunk: dL/dh2 float[B,T,H].
-    BACKWARD_RESULT  trunk -> silo: dL/dh1 float[B,T,H], applied int64[1] (the trunk's update
-                     counter after this step: the order in which steps were applied).
+    BACKWARD_RESULT  trunk -> silo: dL/dh1 float[B,T,H], counters int64[2]: the trunk's update
+                     counter after this step (the order in which steps were applied) and its compute
+                     time for this piece in microseconds (what a silo sizes its micro-batches by);
+                     int64[1] (the counter alone) is accepted too.
     ERROR            either way: no tensors, text = reason (the step named by round/step failed).
                      Never sealed (it carries no data), so a silo can learn why it was refused.
     DISCONNECT       silo -> broker: finished, leave the rotation. broker -> trunk worker: every

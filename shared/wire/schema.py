@@ -29,8 +29,8 @@ def check_schema(msg) -> None:
         if len(t) != 2:
             raise FrameError("schema", f"BACKWARD_RESULT carries 2 tensors, got {len(t)}")
         _check_hidden(t[0])
-        if t[1].dtype != torch.int64 or tuple(t[1].shape) != (1,):
-            raise FrameError("schema", f"applied counter must be int64 [1], got {t[1].dtype} {tuple(t[1].shape)}")
+        if t[1].dtype != torch.int64 or tuple(t[1].shape) not in ((1,), (2,)):
+            raise FrameError("schema", f"counters must be int64 [1] or [2], got {t[1].dtype} {tuple(t[1].shape)}")
     elif msg.kind == Kind.READY and t:  # a silo's READY may carry its signed registration token
         if len(t) != 1 or t[0].dtype != torch.uint8 or t[0].dim() != 1 or not 0 < t[0].numel() <= MAX_HANDSHAKE_BYTES:
             raise FrameError("schema", f"READY carries at most one uint8 vector of at most {MAX_HANDSHAKE_BYTES} bytes")

@@ -37,6 +37,7 @@ from shared.wire.compression import expand_tensors
 from shared.wire.header import (  # noqa: F401  (re-exported: the wire's public names)
     DEFAULT_MAX_TENSOR_BYTES,
     FLAG_HAS_TEXT,
+    FLAG_MORE,
     FLAG_SEALED,
     HEADER,
     KNOWN_FLAGS,
@@ -67,6 +68,7 @@ class Message:
     seq: int = 0
     tensors: list[torch.Tensor] = dataclasses.field(default_factory=list)
     text: str | None = None
+    more: bool = False  # a FORWARD with more micro-batches of its step to follow (FLAG_MORE)
 
 
 # ---------------------------------------------------------------- whole messages
@@ -85,6 +87,8 @@ def message_parts(msg: Message, flags: int = 0, chunk_bytes: int = DEFAULT_CHUNK
     if msg.text is not None:
         flags |= FLAG_HAS_TEXT
         text_frames.append(msg.text.encode("utf-8")[:MAX_TEXT_BYTES])
+    if msg.more:
+        flags |= FLAG_MORE
     header = Header(msg.kind, msg.run_id, msg.silo_id, msg.round, msg.step, msg.seq, flags, tuple(descs))
     return header, header_to_wire(header), payloads, text_frames
 
@@ -149,7 +153,8 @@ def message_from_wire(
     if header.sealed:
         raise FrameError("sealed", "sealed payloads need a session (shared.crypto.sealing)")
     tensors = expand_tensors([tensor_from_wire(d, p) for d, p in zip(header.tensors, payloads)])
-    msg = Message(header.kind, header.run_id, header.silo_id, header.round, header.step, header.seq, tensors, text)
+    msg = Message(header.kind, header.run_id, header.silo_id, header.round, header.step, header.seq, tensors, text,
+                  header.more)
     check_schema(msg)
     return msg
 
