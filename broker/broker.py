@@ -304,7 +304,7 @@ class Broker(BrokerAdmission, PeerLiveness, BrokerRecovery, BrokerRouting):
 
     # ------------------------------------------------------------------ dispatch and routing
     def _submit_forward(self, silo: str, header: Header, frames: list, identity: bytes) -> None:
-        if refusal := self.schedule.submit(silo, header.step, frames):
+        if refusal := self.schedule.submit(silo, header.step, frames, last=not header.more):
             self._reject(refusal.name, refusal.detail, self.frontend, identity, header)
 
     def _ready_workers(self) -> list[str]:

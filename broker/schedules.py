@@ -52,8 +52,9 @@ class StepSchedule(Protocol):
     def reset(self) -> None:
         """Forget every queued step (start, and a rollback to the committed round)."""
 
-    def submit(self, silo: str, step: int, frames: list) -> ErrorReason | None:
-        """Queue a silo's FORWARD; returns why it is refused, or None when accepted."""
+    def submit(self, silo: str, step: int, frames: list, last: bool = True) -> ErrorReason | None:
+        """Queue a silo's FORWARD (``last``: not flagged "more", the step's last micro-batch);
+        returns why it is refused, or None when accepted."""
 
     def dispatch(self, ready: list[str], routes: StepRoutes, send: SendStep) -> None:
         """Send what may go now to the ``ready`` workers (sorted; never empty)."""
@@ -106,7 +107,8 @@ class SerialTurns(_NoSiloState):
     def reset(self) -> None:
         self.turns = SerialScheduler(self.silos)
 
-    def submit(self, silo: str, step: int, frames: list) -> ErrorReason | None:
+    def submit(self, silo: str, step: int, frames: list, last: bool = True) -> ErrorReason | None:
+        # a turn lasts until every dispatched piece is answered: it needs no "last" flag
         if not self.turns.submit(silo, frames, step):
             return ErrorReason("queue_full", f"too many FORWARDs waiting for {silo}'s turn")
         return None
@@ -147,24 +149,39 @@ class ClientBatches(_NoSiloState):
     def reset(self) -> None:
         s = self.settings
         self.window = BatchWindow(self.silos, s.batch_window_ms / 1000, s.batch_max_silos, s.round_timeout_s)
+        self._step_worker: tuple[int | None, str | None] = (None, None)
+        self.unanswered: dict[str, int] = {}  # silo -> its pieces dispatched and not yet answered
 
-    def submit(self, silo: str, step: int, frames: list) -> ErrorReason | None:
-        return self.window.submit(silo, step, frames)
+    def submit(self, silo: str, step: int, frames: list, last: bool = True) -> ErrorReason | None:
+        return self.window.submit(silo, step, frames, last)
 
     def dispatch(self, ready: list[str], routes: StepRoutes, send: SendStep) -> None:
         for batch in self.window.ready():
             members = [batch.members[s] for s in sorted(batch.members)]
             first = header_from_wire(members[0][0].buffer, self.settings.max_tensor_bytes)
             bundle = Message(Kind.BUNDLE, self.settings.run_id, "broker", first.round, batch.step)
-            send(routes.round_robin(ready), sorted(batch.members),
+            # A step's micro-batches add up into one update: they all go to the worker of its first.
+            step, worker = self._step_worker
+            if step != batch.step or worker not in ready:
+                self._step_worker = (batch.step, routes.round_robin(ready))
+            send(self._step_worker[1], sorted(batch.members),
                  bundle_to_wire(bundle, [[f.buffer for f in m] for m in members]))
+            for silo in batch.members:
+                self.unanswered[silo] = self.unanswered.get(silo, 0) + 1
 
     def result_routed(self, silo: str, error: bool) -> bool:
+        # micro-batches: the BACKWARD route lasts until every dispatched piece is answered (an ERROR
+        # ends the silo's step: it sends no more BACKWARDs for it)
+        left = 0 if error else self.unanswered.get(silo, 1) - 1
+        if left > 0:
+            self.unanswered[silo] = left
+            return False
+        self.unanswered.pop(silo, None)
         return True
 
     def step_lost(self, silo: str) -> None:
-        for sent in self.window.dispatched.values():
-            sent.discard(silo)
+        self.window.forget(silo)
+        self.unanswered.pop(silo, None)
 
     def silo_registered(self, silo: str) -> None:
         self.window.silo_registered(silo)
@@ -189,7 +206,7 @@ class HierarchicalQueue:
     def reset(self) -> None:
         self.held: list[tuple[str, list]] = []  # FORWARDs waiting for their worker, in arrival order
 
-    def submit(self, silo: str, step: int, frames: list) -> ErrorReason | None:
+    def submit(self, silo: str, step: int, frames: list, last: bool = True) -> ErrorReason | None:
         self.held.append((silo, frames))  # routed at once by dispatch, to the silo's own worker
         return None
 

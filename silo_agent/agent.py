@@ -45,7 +45,7 @@ from shared.wire.protocol import WIRE_DTYPE_BY_NAME, Kind
 from shared.wire.wire import Message
 from silo_agent.aggregation import RoundAggregation
 from silo_agent.generation import generate_live
-from silo_agent.microbatch import run_microbatched_step
+from silo_agent.microbatch import MicroBatchedSteps
 from silo_agent.peer_errors import PeerError, Reregister, Retry, Rollback, Straggler
 from silo_agent.privacy_defense import SiloPrivacyDefense, privacy_config
 from silo_agent.registration import SiloRegistration
@@ -79,6 +79,7 @@ class SiloAgent(SiloRegistration, SiloRounds):
         self.optimizer = make_optimizer(trainable, settings.lr, settings.weight_decay)
         self.trainable = trainable
         self.history: list[dict] = []
+        self.micro = MicroBatchedSteps(self)  # --micro-batches N|auto (silo_agent/microbatch.py)
         self.incarnation = secrets.token_hex(4)  # tells the broker this process is new (a restart)
         self._hello_ns = 0  # the signed timestamp of this process's last hello
         self.run_config = run_config(settings)  # claimed in READY and HELLO (shared/state/run_config.py)
@@ -187,8 +188,8 @@ class SiloAgent(SiloRegistration, SiloRounds):
         if isinstance(self.codec, SealedCodec) and step % s.local_steps == 0:
             self._handshake(rnd, step)
         batch = self.dataset.batch(step)
-        if s.micro_batches > 1:
-            return self._record_step(step, rnd, *run_microbatched_step(self, step, rnd, batch), started)
+        if s.micro_batches != 1:
+            return self.micro.train_step(step, rnd, batch, started)
         mask = batch.attention_mask
         positions = positions_from_mask(mask)
 

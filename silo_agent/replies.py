@@ -48,11 +48,21 @@ class SiloReplies:
             if msg.kind == Kind.ROLLBACK:
                 raise Rollback(msg.text)
             if msg.kind == Kind.ERROR:
+                if _stale_straggler(msg, step):
+                    # client-batch with micro-batches: a trunk batch of a step we already skipped
+                    # went on without us; that step is over here
+                    log.info("dropped a straggler notice for step %d, already skipped", msg.step)
+                    continue
                 raise _error_of(msg, step)
             if wanted(msg):
                 return msg
             log.warning("dropped unexpected %s (round %d step %d) while waiting for %s", msg.kind.name, msg.round,
                         msg.step, what)
+
+
+def _stale_straggler(msg: Message, step: int | None) -> bool:
+    error = ErrorReason.from_text(msg.text)
+    return error.code == Reason.STRAGGLER and step is not None and msg.step < step
 
 
 def _error_of(msg: Message, step: int | None) -> Exception:

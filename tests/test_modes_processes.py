@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -49,6 +50,11 @@ DEMOS = {
        ("--mode", "hierarchical", "--silos", "2", "--steps", "4", "--local-steps", "2",
         *(["--personalize"] if personalize else []))
        for personalize in [False, True]},
+    "test_micro_batches_in_client_batch_add_up_to_the_steps_without_them":
+        ("--mode", "client-batch", "--silos", "3", "--steps", "6", "--local-steps", "3",
+         "--role-env", "silo1:SPLITFED_MICRO_BATCHES=3", "--role-env", "silo2:SPLITFED_MICRO_BATCHES=2"),
+    "test_auto_micro_batches_in_serial_match_the_reference":
+        ("--mode", "serial", "--silos", "2", "--steps", "8", "--local-steps", "4", "--micro-batches", "auto"),
 }
 CONCURRENT_DEMOS = 2
 
@@ -221,3 +227,34 @@ def test_a_dead_trunk_worker_hands_its_silos_to_another(tmp_path, redis_prefix):
     finally:
         fed.stop()
         os.environ.pop("SPLITFED_CACHE_DIR", None)
+
+
+def test_micro_batches_in_client_batch_add_up_to_the_steps_without_them(demos, request):
+    """Silos cut their steps into 1, 3 and 2 pieces in flight at once; the trunk batches every silo's
+    k-th piece together and adds the batches up into one update per step: the same run as the
+    reference without micro-batches, to 1e-5."""
+    result, _ = demos.result(request)
+    assert len(result["losses"]) == len(result["centralized_losses"]) == 18
+    assert result["max_abs_loss_diff"] <= 1e-5 and result["max_abs_weight_diff"] <= 1e-5
+    pieces = {silo: {n for (s, _), n in zip(result["schedule"], result["micro_batches"]) if s == silo}
+              for silo in ("silo0", "silo1", "silo2")}
+    assert pieces == {"silo0": {1}, "silo1": {3}, "silo2": {2}}
+    by_step: dict[int, set] = {}
+    for (_, step), update in zip(result["schedule"], result["trunk_updates"]):
+        by_step.setdefault(step, set()).add(update)
+    assert all(len(u) == 1 for u in by_step.values())  # each step is one trunk update for all three
+    assert len({u for us in by_step.values() for u in us}) == 6
+
+
+def test_auto_micro_batches_in_serial_match_the_reference(demos, request):
+    """``--micro-batches auto``: depth 1 while each silo measures the round trip and the trunk's
+    reported compute time, then the depth they call for; exact whatever it picks."""
+    result, run_dir = demos.result(request)
+    assert len(result["losses"]) == 16
+    assert result["max_abs_loss_diff"] <= 1e-5 and result["max_abs_weight_diff"] <= 1e-5
+    for silo in ("silo0", "silo1"):
+        chosen = re.findall(r"micro-batches auto: round trip [\d.]+ ms, trunk [\d.]+ ms per step -> (\d+) micro",
+                            (run_dir / "logs" / f"{silo}.log").read_text())
+        assert len(chosen) == 1, f"{silo} chose its depth {len(chosen)} times"
+        depths = [n for (s, _), n in zip(result["schedule"], result["micro_batches"]) if s == silo]
+        assert depths[:4] == [1, 1, 1, 1] and set(depths[4:]) == {int(chosen[0])}

@@ -12,10 +12,12 @@ are measured first from a silo's namespace (splitfed/bench/wan_probe.py: round t
 direct and through the relay for each profile); a federation also runs once without any relay
 ("direct") beside the relayed one's loopback phases.
 
-Serial mode runs twice: without micro-batches and with ``--micro-batches`` (default: the batch
-size, one example each), the latency hiding the silo has today (silo_agent/microbatch.py). The
-depth that would cover one WAN round trip, 1 + RTT / trunk time per micro-batch, is computed from
-the run's own trunk timeline and reported beside the depth used.
+Each mode runs twice: without micro-batches and with ``--micro-batches`` (default: the batch size,
+one example each), the silo's latency hiding (silo_agent/microbatch.py; in client-batch mode every
+silo's k-th piece shares the step's k-th trunk batch). The depth that would cover one WAN round
+trip, 1 + RTT / trunk time per micro-batch, is computed from the run's own trunk timeline and
+reported beside the depth used. (``--micro-batches auto`` measures once, at the start of a run; a
+bench federation changes its link in place, so it runs fixed depths.)
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def _per_model(text: str, models: list[str], name: str, least: int) -> dict[str,
 @click.option("--batch-size", type=click.IntRange(1), default=2, show_default=True, help="per silo")
 @click.option("--max-length", type=click.IntRange(8), default=64, show_default=True)
 @click.option("--micro-batches", type=click.IntRange(0), default=None,
-              help="serial mode's latency hiding run: micro-batches per step (default: the batch size; 0: no such run)")
+              help="the latency hiding runs: micro-batches per step (default: the batch size; 0: no such runs)")
 @click.option("--warmup-steps", type=click.IntRange(1), default=3, show_default=True,
               help="steps per silo before the first phase (start-up, handshake, first allocations)")
 @click.option("--steps-per-phase", "steps_text", default="4", show_default=True,
@@ -133,9 +135,7 @@ def wan(models: str, modes: str, silos_text: str, profiles: str, batch_size: int
                               min_phase_s=min_phase_s, max_phase_s=max_phase_s)
             plan = phase_plan(names, cycles[model])
             for silos in counts:
-                variants = [(m, 1) for m in mode_list]
-                if "serial" in mode_list and depth > 1:
-                    variants.insert(1, ("serial", depth))
+                variants = [(m, d) for m in mode_list for d in ([1, depth] if depth > 1 else [1])]
                 for mode, mb in variants:
                     n += 1
                     cfg = run_config(model, mode, silos, batch_size, max_length)

@@ -87,9 +87,10 @@ def exposed_round_trips(mode: str, silos: int, micro_batches: int) -> int:
     Micro-batches keep the trunk busy through the turnaround when deep enough (1 + RTT / trunk time
     per micro-batch); with several silos the broker already holds the next silo's FORWARDs, so the
     boundary is hidden. client-batch: every silo waits for its BACKWARD_RESULT before its next
-    FORWARD, and a batch waits for all silos: both round trips, micro-batches or not."""
+    FORWARD, and a batch waits for all silos: the boundary always; the turnaround too unless
+    micro-batches keep the trunk busy with the next pieces' batches."""
     if mode != "serial":
-        return 2
+        return 1 if micro_batches > 1 else 2
     return (0 if micro_batches > 1 else 1) + (1 if silos == 1 else 0)
 
 

@@ -32,6 +32,9 @@ from shared.wire.compression import CAST_FORMATS
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--wire-dtype", type=click.Choice(["fp32", "bf16", "fp16", "int8", "fp8-e4m3", "fp8-e5m2", "auto8"]), default="fp32",
               show_default=True, help="int8 / fp8-*: 8-bit values with a bfloat16 scale per token (lossy)")
+@click.option("--micro-batches", default="1", show_default=True, metavar="N|auto",
+              help="each silo cuts its step into N micro-batches in flight at once (exact gradient accumulation, "
+                   "hides the network's round trip); auto: enough to cover the measured round trip")
 @click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="compute dtype of every role's weights and activations (LoRA/prefix and AdamW state stay fp32)")
 @click.option("--encryption/--no-encryption", default=True, show_default=True,
@@ -77,6 +80,11 @@ from shared.wire.compression import CAST_FORMATS
 def demo(json_path: Path | None, check_centralized: bool, run_dir: Path | None, key_prefix: str, **options) -> None:
     """Start Redis, a broker, a trunk worker and N silos as processes, train, and summarise."""
     cfg = DemoConfig(**options)
+    if cfg.micro_batches != "auto" and not (cfg.micro_batches.isdigit() and 1 <= int(cfg.micro_batches) <= cfg.batch_size):
+        raise click.BadParameter(f"{cfg.micro_batches!r}: a number from 1 to the batch size ({cfg.batch_size}), or auto",
+                                 param_hint="--micro-batches")
+    if cfg.micro_batches != "1" and cfg.mode == "hierarchical":
+        raise click.UsageError("--micro-batches works in serial and client-batch mode")
     try:
         cfg.role_envs()
     except ValueError as exc:

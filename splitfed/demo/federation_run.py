@@ -30,6 +30,7 @@ class DemoConfig:
     adapter: str = "lora"
     lr: float = 1e-3
     wire_dtype: str = "fp32"
+    micro_batches: str = "1"  # per silo: N or "auto" (silo_agent/microbatch.py)
     dtype: str = "fp32"
     head_layers: int = 1
     tail_layers: int = 1
@@ -164,7 +165,7 @@ def launch(fed, cfg: DemoConfig, ports: tuple[int, int], data: list[Path], run_d
                         "--results", str(run_dir / "results" / f"{sid}.json"),
                         "--save-dir", str(run_dir / "weights"), "--cut-noise-sigma", repr(cfg.cut_noise_sigma),
                         *(["--cut-clip-norm", repr(cfg.cut_clip_norm)] if cfg.cut_clip_norm else [])],
-                  env={**_privacy_env(cfg), **(keys_env.get(sid) or {})},
+                  env={**_privacy_env(cfg), "SPLITFED_MICRO_BATCHES": cfg.micro_batches, **(keys_env.get(sid) or {})},
                   prefix=tuple(hosts.prefix(sid)) if hosts is not None else ())
 
 

@@ -126,6 +126,8 @@ def _run_federation(cfg: DemoConfig, run_dir: Path, key_prefix: str, started: fl
               "encryption": cfg.encryption, "curve": cfg.curve, "rejected_frames": rejected,
               "losses": [r["loss"] for r in rows], "schedule": [[r["silo"], r["step"]] for r in rows],
               "step_end_times": [r.get("t") for r in rows],
+              "trunk_updates": [r.get("trunk_seq") for r in rows],  # which trunk update each step was in
+              "micro_batches": [r.get("micro_batches", 1) for r in rows],
               "wall_s": round(fed_wall, 3), "train_wall_s": round(train_s, 3),
               "silo_crypto_s": round(crypto_s, 4), "trunk_crypto_s": round(trunk_crypto_s, 4),
               # serial mode: every seal/open is on the critical path of the steps
