@@ -69,6 +69,7 @@ class MicroBatchedSteps:
     def train_step(self, step: int, rnd: int, batch, started: float) -> float:
         agent = self.agent
         depth = self.probe.depth
+        began = time.perf_counter()  # after the round's handshake, which is no part of the comparison
         try:
             loss, counters, waits = run_microbatched_step(agent, step, rnd, batch, depth)
         except Straggler as exc:  # client-batch: this step's trunk batch went on without us
@@ -77,8 +78,7 @@ class MicroBatchedSteps:
             agent._zero_grad()
             agent.history.append({"round": rnd, "step": step, "loss": None, "skipped": True})
             return float("nan")
-        if waits is not None:
-            self.probe.observe(*waits, counters[1] / 1e6 if len(counters) > 1 else None)
+        self.probe.observe(depth, time.perf_counter() - began, waits, counters[1] / 1e6 if len(counters) > 1 else None)
         value = agent._record_step(step, rnd, loss, int(counters[0]), started)
         agent.history[-1]["micro_batches"] = min(depth, batch.input_ids.shape[0])
         return value

@@ -1,5 +1,5 @@
 """``--micro-batches auto``: the depth that covers one round trip, from the waits a silo measures and
-the compute time the trunk reports."""
+the compute time the trunk reports; kept only if it shortens the silo's steps."""
 
 from __future__ import annotations
 
@@ -26,17 +26,31 @@ def test_depth_covers_the_round_trip(rtt, trunk, rows, want):
         assert d - 1 < 1 + rtt / (trunk / (d - 1))
 
 
-def test_probe_measures_after_the_first_step_then_keeps_its_choice():
-    probe = DepthProbe("auto", rows=8)
-    assert probe.depth == 1
-    probe.observe(5.0, 5.0, 0.1)  # the first step (warm-up) is not counted
-    for _ in range(PROBE_STEPS - 1):
-        probe.observe(0.08, 0.08, 0.1)  # rtt = (0.16 - 0.1) / 2 = 0.03
+def _probe_at_depth_one(probe: DepthProbe, step_s: float = 1.0) -> None:
+    probe.observe(1, 9.0, (5.0, 5.0), 0.1)  # the first step (warm-up) is not counted
+    for _ in range(PROBE_STEPS):
         assert probe.depth == 1
-    probe.observe(0.08, 0.08, 0.1)
-    assert probe.depth == depth_for(0.03, 0.1, 8) == 2
-    probe.observe(1.0, 1.0, 0.1)  # later steps do not move it
-    assert probe.depth == 2
+        probe.observe(1, step_s, (0.08, 0.08), 0.1)  # rtt = (0.16 - 0.1) / 2 = 0.03 -> depth 2
+
+
+@pytest.mark.parametrize("trial_s, kept", [(0.8, 2), (1.2, 1)])
+def test_the_depth_is_tried_and_kept_only_if_steps_get_shorter(trial_s, kept):
+    probe = DepthProbe("auto", rows=8)
+    _probe_at_depth_one(probe)
+    assert probe.depth == depth_for(0.03, 0.1, 8) == 2  # the trial
+    for _ in range(PROBE_STEPS):
+        probe.observe(2, trial_s, None, 0.05)
+    assert probe.depth == kept
+    probe.observe(kept, 0.01, None, 0.01)  # later steps do not move it
+    assert probe.depth == kept
+
+
+def test_no_trial_when_the_round_trip_is_negligible():
+    probe = DepthProbe("auto", rows=8)
+    probe.observe(1, 9.0, (5.0, 5.0), 0.1)
+    for _ in range(PROBE_STEPS):
+        probe.observe(1, 0.1, (0.051, 0.051), 0.1)  # rtt 1 ms of a 100 ms trunk step
+    assert probe.depth == 1 and probe.chosen == 1
 
 
 def test_a_fixed_depth_is_kept_and_capped_at_the_rows():
@@ -47,5 +61,5 @@ def test_a_fixed_depth_is_kept_and_capped_at_the_rows():
 def test_a_trunk_that_reports_no_compute_time_leaves_depth_one():
     probe = DepthProbe("auto", rows=8)
     for _ in range(PROBE_STEPS + 2):
-        probe.observe(0.5, 0.5, None)
-    assert probe.depth == 1
+        probe.observe(1, 1.0, (0.5, 0.5), None)
+    assert probe.depth == 1 and probe.chosen == 1
