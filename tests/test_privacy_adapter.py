@@ -22,6 +22,7 @@ from shared.model.privacy_adapter import (
     defend,
     inversion_loss,
     inverter_step,
+    privacy_module,
     warmup_step,
 )
 
@@ -50,8 +51,10 @@ def _data(seed: int = 0, rows: int = 8, tokens: int = 16, words: int = 24):
     return ids, mask, labels
 
 
-def _train(tiny_dir, strength: float, steps: int = 40, warmup: int = 30):
-    """The silo's loop exactly as the module's docstring lays it out, on a tiny split model.
+def _train(tiny_dir, strength: float, steps: int = 40, warmup: int = 30, bottleneck: int = 0):
+    """The silo's loop exactly as the module's docstring lays it out, on a tiny split model; with
+    ``bottleneck`` k a rank-k bottleneck in the adapter's place, started at the head output's
+    principal directions (the inverter then first learns to read the bottlenecked cut).
 
     Returns (task losses, the silo inverter's loss before each of its task-phase updates).
     """
@@ -59,8 +62,9 @@ def _train(tiny_dir, strength: float, steps: int = 40, warmup: int = 30):
     head, tail = build_silo_parts(tiny_dir, head_layers=1, tail_layers=1)
     trunk = build_part(tiny_dir, "trunk", head_layers=1, tail_layers=1)
     params = unique_parameters(*[apply_adapter(p, AdapterConfig(), seed=0) for p in (head, trunk, tail)])
-    cfg = PrivacyAdapterConfig(strength=strength, rank=8, inverter_steps=2, inverter_lr=3e-3, adapter_lr=1e-2)
-    adapter, inverter = PrivacyAdapter(64, cfg.rank, seed=0), SiloInverter(64)
+    cfg = PrivacyAdapterConfig(strength=strength, rank=8, inverter_steps=2, inverter_lr=3e-3, adapter_lr=1e-2,
+                               bottleneck=bottleneck)
+    adapter, inverter = privacy_module(cfg, 64, seed=0), SiloInverter(64)
     opt = torch.optim.Adam(params, lr=3e-3)
     adapter_opt = torch.optim.Adam(adapter.parameters(), lr=cfg.adapter_lr)
     inverter_opt = torch.optim.Adam(inverter.parameters(), lr=cfg.inverter_lr)
@@ -69,9 +73,13 @@ def _train(tiny_dir, strength: float, steps: int = 40, warmup: int = 30):
     vocab = SiloVocabulary(ids[mask.bool()], VOCAB)
     table = vocab.table(head.get_submodule(head.facts.embed).weight)
     targets = vocab.targets(ids, mask)
-    for _ in range(warmup):  # the inverter first learns to read the undefended cut
+    if bottleneck:
+        with torch.no_grad():
+            adapter.init_principal(head(ids, mask, positions), mask)
+    for _ in range(warmup):  # the inverter first learns to read the undefended (bottlenecked) cut
         with torch.no_grad():
             hidden = head(ids, mask, positions)
+            hidden = adapter(hidden) if bottleneck else hidden
         inverter_step(inverter, inverter_opt, hidden, targets, mask, table, cfg.inverter_steps)
     task_losses, inverter_losses = [], []
     for _ in range(steps):
@@ -100,6 +108,17 @@ def test_the_alternating_loop_raises_the_inverter_loss_while_the_task_loss_falls
     task0, inv0 = _train(tiny_dir, strength=0.0)
     assert _mean(inv0[-10:]) < _mean(inv0[:10])
     assert _mean(inv[-10:]) > 2.0 * _mean(inv0[-10:])
+
+
+def test_with_a_bottleneck_the_inverter_loss_rises_while_the_task_loss_falls(tiny_dir):
+    # strength 1, not 3: through 16 of 64 dimensions lambda 3 wins outright on this task (the task
+    # loss turns back up, towards uniform guessing, once the tokens' identity is gone)
+    task, inv = _train(tiny_dir, strength=1.0, bottleneck=16)
+    assert _mean(task[-5:]) < 0.7 * _mean(task[:5])  # the model still learns its task through k dims
+    assert _mean(inv[-10:]) > 3.0 * min(inv[:10])  # ... while its own inverter does worse and worse
+    task0, inv0 = _train(tiny_dir, strength=0.0, bottleneck=16)  # control: no adversary, it reads the cut
+    assert _mean(inv0[-10:]) < 0.1
+    assert _mean(inv[-10:]) > 3.0 * _mean(inv0[-10:])
 
 
 def test_the_adversarial_term_trains_the_adapter_and_never_the_inverter():

@@ -23,6 +23,10 @@ inverted by an attacker retrained on it); what it can do is move token identity 
 clipping budget shrinks below the noise, keeping the task's directions above it. With sigma 0 it can
 only fool the silo's own inverter, which a retrained attacker undoes -- the audit measures exactly that.
 
+A rank-k bottleneck (privacy_bottleneck.py, ``bottleneck`` k > 0) can take the adapter's place in
+every call above: not invertible, it removes what lies outside its subspace even from an attacker
+who knows it.
+
 The adversarial loss is the inverter's cross-entropy capped at log(V) (uniform guessing): beyond
 that the silo would only be teaching the inverter to be confidently wrong, which costs utility and
 buys nothing against an attacker who retrains. Pure modules and functions: no role imports.
@@ -38,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from shared.model.cut_defense import protect_cut
+from shared.model.privacy_bottleneck import PrivacyBottleneck
 
 
 class PrivacyAdapterConfig(BaseModel):
@@ -56,10 +61,13 @@ class PrivacyAdapterConfig(BaseModel):
     adapter_lr: float = Field(1e-2, gt=0.0, description="the privacy adapter's own Adam step size")
     warmup_steps: int = Field(0, ge=0, description="head-only steps before training: see warmup_step")
     distortion: float = Field(1.0, ge=0.0, description="warm-up weight of the adapter's relative change of h1")
+    bottleneck: int = Field(0, ge=0, description="k > 0: a rank-k bottleneck U(D(h)) instead of the residual "
+                                                 "adapter (privacy_bottleneck.py); ``rank`` is then unused")
 
     @property
     def enabled(self) -> bool:
-        return self.strength > 0.0
+        # a bottleneck removes information even at strength 0 (its lambda-0 control is a defense too)
+        return self.strength > 0.0 or self.bottleneck > 0
 
 
 class PrivacyAdapter(nn.Module):
@@ -80,6 +88,17 @@ class PrivacyAdapter(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden * self.gain + (hidden @ self.down) @ self.up
+
+
+def privacy_module(cfg: PrivacyAdapterConfig, hidden_size: int, seed: int = 0) -> nn.Module:
+    """The silo's learned map before clip + noise: the bottleneck when ``cfg.bottleneck``, else the adapter.
+
+    Both are used alike from here on (`defend`, `warmup_step`, the audit's TrainedHead); a
+    bottleneck should then be set to its data's principal directions (PrivacyBottleneck.init_principal).
+    """
+    if cfg.bottleneck:
+        return PrivacyBottleneck(hidden_size, cfg.bottleneck, seed=seed)
+    return PrivacyAdapter(hidden_size, cfg.rank, seed=seed)
 
 
 class SiloInverter(nn.Module):
@@ -184,7 +203,7 @@ def adversarial_term(inverter: SiloInverter, defended: torch.Tensor, targets: to
     return -strength * loss.clamp(max=math.log(table.shape[0]))
 
 
-def warmup_step(adapter: PrivacyAdapter, adapter_opt: torch.optim.Optimizer, inverter: SiloInverter,
+def warmup_step(adapter: nn.Module, adapter_opt: torch.optim.Optimizer, inverter: SiloInverter,
                 inverter_opt: torch.optim.Optimizer, hidden: torch.Tensor, targets: torch.Tensor,
                 attention_mask: torch.Tensor, table: torch.Tensor, cfg: PrivacyAdapterConfig,
                 clip_norm: float | None, sigma: float, generator: torch.Generator | None) -> tuple[float, float]:
@@ -210,9 +229,9 @@ def warmup_step(adapter: PrivacyAdapter, adapter_opt: torch.optim.Optimizer, inv
     return inverter_loss, float(distortion.detach())
 
 
-def defend(adapter: PrivacyAdapter | None, hidden: torch.Tensor, attention_mask: torch.Tensor,
+def defend(adapter: nn.Module | None, hidden: torch.Tensor, attention_mask: torch.Tensor,
            clip_norm: float | None, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
-    """What leaves the silo: the adapter (None: none) on the head's output, then `protect_cut`."""
+    """What leaves the silo: the adapter or bottleneck (None: none) on the head's output, then `protect_cut`."""
     if adapter is not None:
         hidden = adapter(hidden)
     return protect_cut(hidden, attention_mask, clip_norm, sigma, generator)

@@ -109,23 +109,40 @@ def invert(model, victims, max_tokens, shadow, cuts, defense_cut, clip_norm, sig
         sys.stdout.write(markdown(doc))
 
 
-def _float_list(ctx, param, value: str) -> tuple[float, ...]:
+def _numbers(value: str, zero_ok: bool) -> tuple[float, ...]:
     try:
         out = tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
-    if any(not s > 0 for s in out):  # `not s > 0` also rejects nan
-        raise click.BadParameter(f"every value must be > 0 (no defense is always a row), got {value!r}")
+    if any(not (s >= 0 if zero_ok else s > 0) for s in out):  # the negated test also rejects nan
+        bound = "every strength must be >= 0" if zero_ok else "every value must be > 0 (no defense is always a row)"
+        raise click.BadParameter(f"{bound}, got {value!r}")
     return out
 
 
-def _cut_list(ctx, param, value: str) -> tuple[int, ...]:
-    if not value.strip():
-        return ()
-    out = _int_list(ctx, param, value)
-    if min(out) < 1:
-        raise click.BadParameter(f"a silo keeps at least one head block: expected cuts >= 1, got {value!r}")
-    return out
+def _float_list(ctx, param, value: str) -> tuple[float, ...]:
+    return _numbers(value, zero_ok=False)
+
+
+def _strength_list(ctx, param, value: str) -> tuple[float, ...]:
+    """Like _float_list but 0 allowed: a bottleneck at lambda 0 is still a defense (no adversary)."""
+    return _numbers(value, zero_ok=True)
+
+
+def _positive_ints(message: str):
+    """A callback for a comma-separated list of integers >= 1 ('' for none)."""
+    def parse(ctx, param, value: str) -> tuple[int, ...]:
+        if not value.strip():
+            return ()
+        out = _int_list(ctx, param, value)
+        if min(out) < 1:
+            raise click.BadParameter(f"{message}, got {value!r}")
+        return out
+    return parse
+
+
+_cut_list = _positive_ints("a silo keeps at least one head block: expected cuts >= 1")
+_rank_list = _positive_ints("expected bottleneck ranks >= 1")
 
 
 @audit.command("defend")
@@ -146,6 +163,10 @@ def _cut_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--learned-sigma", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="noise after the privacy adapter (clipped to the median norm first when > 0)")
 @click.option("--rank", type=click.IntRange(1), default=32, show_default=True, help="privacy adapter's low rank")
+@click.option("--bottleneck-ranks", default="", show_default=True, callback=_rank_list,
+              help="rank-k bottleneck rows U(D(h1)) at each --learned-cuts ('' for none; each k < hidden size)")
+@click.option("--bottleneck-strengths", default="1", show_default=True, callback=_strength_list,
+              help="lambda of each bottleneck row (0 allowed: the bottleneck without its adversary)")
 @click.option("--inverter-steps", type=click.IntRange(1), default=2, show_default=True,
               help="silo-inverter updates per fine-tune step")
 @click.option("--inverter-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True)
@@ -168,18 +189,20 @@ def _cut_list(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--out-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="write defend.json, defend.md (after every row) and defend.png here")
 def defend(model, victims, max_tokens, shadow, cuts, defense_cut, sigmas, strengths, learned_cuts, learned_sigma,
-           rank, inverter_steps, inverter_lr, adapter_lr, warmup_steps, distortion, learned_steps, optim_steps,
-           public_attack, finetune_steps, finetune_batch, max_length, eval_examples, seed, threads, out_dir) -> None:
-    """Attack each defense (none at deeper heads, clip + noise, the learned privacy adapter) with an
-    attacker retrained on the silo's trained, defended head, beside the defense's BBC accuracy."""
+           rank, bottleneck_ranks, bottleneck_strengths, inverter_steps, inverter_lr, adapter_lr, warmup_steps,
+           distortion, learned_steps, optim_steps, public_attack, finetune_steps, finetune_batch, max_length,
+           eval_examples, seed, threads, out_dir) -> None:
+    """Attack each defense (none at deeper heads, clip + noise, the learned privacy adapter or bottleneck)
+    with an attacker retrained on the silo's trained, defended head, beside the defense's BBC accuracy."""
     from splitfed.audit.defend_report import markdown, write_report
     from splitfed.audit.defended import DefendConfig, run_defend
 
     _check_model(model, threads)
     cfg = DefendConfig(model=model, victims=victims, max_tokens=max_tokens, shadow=shadow, cuts=cuts,
                        defense_cut=defense_cut, sigmas=sigmas, strengths=strengths, learned_cuts=learned_cuts,
-                       learned_sigma=learned_sigma, rank=rank, inverter_steps=inverter_steps, inverter_lr=inverter_lr,
-                       adapter_lr=adapter_lr, warmup_steps=warmup_steps, distortion=distortion,
+                       learned_sigma=learned_sigma, rank=rank, bottleneck_ranks=bottleneck_ranks,
+                       bottleneck_strengths=bottleneck_strengths, inverter_steps=inverter_steps,
+                       inverter_lr=inverter_lr, adapter_lr=adapter_lr, warmup_steps=warmup_steps, distortion=distortion,
                        learned_steps=learned_steps, optim_steps=optim_steps, public_attack=public_attack,
                        seed=seed,
                        finetune=FinetuneSpec(steps=finetune_steps, batch_size=finetune_batch, max_length=max_length,

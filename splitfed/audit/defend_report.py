@@ -3,7 +3,8 @@
 The table's headline column is the STRONGEST attack's token recovery (the max over the attacks),
 beside BBC topic accuracy and its change against the undefended fine-tune at the same budget.
 The PNG puts every defense on one plane: topic accuracy (x) against the strongest attack's token
-recovery (y), one series per kind (noise, learned, deeper heads), with the issue's target region.
+recovery (y), one series per kind (noise, learned adapter, bottleneck, deeper heads), with the issue's
+target region.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ TITLES = {"retrained": "retrained (a')", "public": "public-weights (a)", "optimi
           "nearest": "nearest (c)"}
 FILES = ("defend.json", "defend.md", "defend.png")
 TARGET_RECOVERY, TARGET_ACCURACY_DROP = 10.0, 3.0  # issue 19's goal
+LEARNED = ("learned", "bottleneck")  # the row kinds trained against the silo's own inverter
 
 
 def _baseline(doc: dict) -> dict | None:
@@ -50,7 +52,8 @@ def markdown(doc: dict) -> str:
         f"Model {doc['model']} ({doc['num_layers']} layers, hidden {doc['hidden_size']}); {cfg['victims']} private "
         f"texts of {cfg['max_tokens']} tokens ({doc['victim_tokens']} tokens); attackers train on {cfg['shadow']} "
         "shadow windows of the other BBC topics.",
-        "Attacker (a') knows the silo's trained head (base + LoRA + privacy adapter), the cut, clip norm and sigma; "
+        "Attacker (a') knows the silo's trained head (base + LoRA + privacy adapter or bottleneck D, U), the cut, "
+        "clip norm and sigma; "
         "not the noise draws, not the silo's inverter. (a) knows only the public base head and the clip/noise "
         "settings (run only for learned rows; elsewhere the trained head differs from the public one by LoRA alone).",
         "Clip norms (median shadow-token norm at the cut): "
@@ -73,9 +76,11 @@ def _learned_settings(doc: dict) -> str:
     """The learned rows' settings, once per distinct setting (merged runs may differ)."""
     seen = []
     for row in doc["rows"]:
-        if row["kind"] == "learned":
+        if row["kind"] in LEARNED:
             c = row.get("run_config") or doc["config"]
-            text = (f"adapter rank {c['rank']}, adapter lr {c['adapter_lr']:.3g}, {c['warmup_steps']} warm-up steps "
+            what = (f"adapter rank {c['rank']}, adapter" if row["kind"] == "learned" else
+                    "rank-k bottleneck (k in the label; starts at the top-k principal directions of h1), its")
+            text = (f"{what} lr {c['adapter_lr']:.3g}, {c['warmup_steps']} warm-up steps "
                     f"(distortion weight {c['distortion']:.3g}), {c['inverter_steps']} silo-inverter updates per step "
                     f"(lr {c['inverter_lr']:.3g}), noise after it sigma {row['sigma']:.3g}")
             if text not in seen:
@@ -99,7 +104,8 @@ def _tag(row: dict) -> str:
     if row["kind"] == "noise":
         return f"σ {row['sigma']:.3g}"
     c = row.get("run_config") or {}
-    return f"λ {row['strength']:.3g}" + (f"/d {c['distortion']:.3g}" if "distortion" in c else "")
+    tag = f"λ {row['strength']:.3g}" + (f"/d {c['distortion']:.3g}" if "distortion" in c else "")
+    return f"k {row['bottleneck']} {tag}" if row["kind"] == "bottleneck" else tag
 
 
 def plot(doc: dict, out: Path) -> Path:
@@ -114,6 +120,8 @@ def plot(doc: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     # one curve per kind (the learned defense: per cut; a curve starts at "no defense" of its cut)
     series = [("noise", None, "clip + noise (today)", "o"), ("none", None, "no defense, deeper heads", "^")]
+    for k in sorted({r["cut"] for r in doc["rows"] if r["kind"] == "bottleneck"}):
+        series.insert(1, ("bottleneck", k, f"learned rank-k bottleneck, {_label_blocks(k)}", "D"))
     for k in sorted({r["cut"] for r in doc["rows"] if r["kind"] == "learned"}):
         series.insert(1, ("learned", k, f"learned privacy adapter, {_label_blocks(k)}", "s"))
     for kind, cut, title, marker in series:
@@ -129,7 +137,7 @@ def plot(doc: dict, out: Path) -> Path:
         for r in pts:
             if r["kind"] == kind:  # short tags: the table has the full labels
                 ax.annotate(_tag(r), (r["utility"]["eval_accuracy"], r["strongest"]), textcoords="offset points",
-                            xytext=(3, -10 if kind == "learned" else 4), fontsize=7)
+                            xytext=(3, -10 if kind in LEARNED else 4), fontsize=7)
     if base is not None:
         x0 = base["utility"]["eval_accuracy"] - TARGET_ACCURACY_DROP
         ax.fill_between([x0, 100], 0, TARGET_RECOVERY, color="green", alpha=0.12, label="issue 19 goal")
@@ -165,7 +173,7 @@ def merge(docs: list[dict]) -> dict:
                                                                           "adapter_lr", "warmup_steps", "distortion")})
                         for r in doc["rows"]]
     # runs that differ in the learned settings would give rows of one label: name the setting that differs
-    learned = [r for r in out["rows"] if r["kind"] == "learned"]
+    learned = [r for r in out["rows"] if r["kind"] in LEARNED]
     for key, name in (("distortion", "distortion"), ("adapter_lr", "adapter lr"), ("warmup_steps", "warm-up"),
                       ("rank", "rank")):
         if len({r["run_config"][key] for r in learned}) > 1:

@@ -15,8 +15,11 @@ Each row fine-tunes the split model with its defense (same steps, data, seed: ut
 invert` trained on the PUBLIC head (an attacker who knows only the base weights and the defense's
 clip/noise settings, not the trained adapter), (b) optimization through the defended head, (c)
 nearest embedding. Rows: no defense at each cut of ``cuts`` (one fine-tune: the split point does
-not change what trains), clip + noise at ``defense_cut`` for each sigma, and the learned defense
-for each strength at each of ``learned_cuts``.
+not change what trains), clip + noise at ``defense_cut`` for each sigma, the learned defense
+for each strength at each of ``learned_cuts``, and the rank-k bottleneck (privacy_bottleneck.py,
+trained the same way; lambda 0 allowed: the bottleneck without its adversary) for each of
+``bottleneck_strengths`` x ``bottleneck_ranks`` at each of ``learned_cuts``. The retrained attacker
+(a') holds a bottlenecked head exactly as an adapted one: D and U are part of its TrainedHead.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class DefendConfig:
     learned_cuts: tuple[int, ...] = (1,)
     learned_sigma: float = 0.0  # noise after the privacy adapter (clipped first when > 0)
     rank: int = 32
+    bottleneck_ranks: tuple[int, ...] = ()  # rank-k bottleneck rows (k < hidden size)
+    bottleneck_strengths: tuple[float, ...] = (1.0,)  # their lambdas (>= 0)
     inverter_steps: int = 2
     inverter_lr: float = 1e-3
     adapter_lr: float = 1e-2
@@ -77,16 +82,23 @@ def _label(k: int) -> str:
 
 def plan_rows(cfg: DefendConfig) -> list[dict]:
     """The rows to run, in order (labels, cuts and defense settings; no clip norms yet)."""
-    if not (cfg.cuts or cfg.sigmas or cfg.strengths):
-        raise ValueError("nothing to run: no cuts, sigmas or strengths")
+    bottlenecks = cfg.bottleneck_ranks and cfg.bottleneck_strengths
+    if not (cfg.cuts or cfg.sigmas or cfg.strengths or bottlenecks):
+        raise ValueError("nothing to run: no cuts, sigmas, strengths or bottleneck ranks")
     if any(not s > 0 for s in cfg.strengths) or any(not s > 0 for s in cfg.sigmas):
         raise ValueError("every strength and sigma of a row must be > 0 (no defense is always a row)")
+    if any(not s >= 0 for s in cfg.bottleneck_strengths) or any(r < 1 for r in cfg.bottleneck_ranks):
+        raise ValueError("bottleneck strengths must be >= 0 and bottleneck ranks >= 1")
     rows = [dict(label=f"{_label(k)}, none", cut=k, kind="none", sigma=0.0, strength=0.0) for k in cfg.cuts]
     rows += [dict(label=f"{_label(cfg.defense_cut)} + clip + noise {s:.3g}", cut=cfg.defense_cut, kind="noise",
                   sigma=s, strength=0.0) for s in cfg.sigmas]
     noise = f" + clip + noise {cfg.learned_sigma:.3g}" if cfg.learned_sigma > 0 else ""
     rows += [dict(label=f"{_label(k)} + learned {lam:.3g}{noise}", cut=k, kind="learned", sigma=cfg.learned_sigma,
                   strength=lam) for k in cfg.learned_cuts for lam in cfg.strengths]
+    # strength-major: the adversarial rows first, the lambda-0 controls after (stop a run early, keep those)
+    rows += [dict(label=f"{_label(k)} + bottleneck {r} + {f'learned {lam:.3g}' if lam else 'no adversary'}{noise}",
+                  cut=k, kind="bottleneck", sigma=cfg.learned_sigma, strength=lam, bottleneck=r)
+             for k in cfg.learned_cuts for lam in cfg.bottleneck_strengths for r in cfg.bottleneck_ranks]
     return rows
 
 
@@ -97,7 +109,8 @@ def _defense(cfg: DefendConfig, row: dict, clip_norm: float) -> Defense:
         return Defense(clip_norm, row["sigma"])
     learned = PrivacyAdapterConfig(strength=row["strength"], rank=cfg.rank, inverter_steps=cfg.inverter_steps,
                                    inverter_lr=cfg.inverter_lr, adapter_lr=cfg.adapter_lr,
-                                   warmup_steps=cfg.warmup_steps, distortion=cfg.distortion)
+                                   warmup_steps=cfg.warmup_steps, distortion=cfg.distortion,
+                                   bottleneck=row.get("bottleneck", 0))
     # clipping fixes the scale the noise is measured against: without it the adapter could simply
     # grow its output until any noise is negligible
     return Defense(clip_norm if row["sigma"] > 0 else None, row["sigma"], learned)
@@ -132,12 +145,16 @@ def run_defend(cfg: DefendConfig, log: Log, on_row: Callable[[dict], None] | Non
     started = time.perf_counter()
     rows = plan_rows(cfg)
     model_dir = resolve_model_dir(cfg.model)
-    n_layers = load_config(model_dir).num_hidden_layers
+    model_config = load_config(model_dir)
+    n_layers = model_config.num_hidden_layers
     deepest = max(r["cut"] for r in rows)
     if min(r["cut"] for r in rows) < 1:
         raise ValueError("a silo keeps at least one head block: every cut must be >= 1")
     if deepest + 2 > n_layers:
         raise ValueError(f"a cut of {deepest} blocks leaves no trunk and tail in a {n_layers}-layer model")
+    hidden = model_config.hidden_size
+    if any(r.get("bottleneck", 0) >= hidden for r in rows):  # before any fine-tune, not an hour in
+        raise ValueError(f"a bottleneck rank must be below the hidden size {hidden}")
     tokenizer = load_tokenizer(model_dir)
     public = HeadBlocks(model_dir, deepest)
     victims = victim_windows(tokenizer, cfg.victims, cfg.max_tokens, cfg.seed)
@@ -179,6 +196,8 @@ def run_defend(cfg: DefendConfig, log: Log, on_row: Callable[[dict], None] | Non
             out["task_loss"] = [round(v, 4) for v in pipe.task_losses]
             out["defense_parameters"] = {"adapter": sum(p.numel() for p in pipe.adapter.parameters()),
                                          "inverter": sum(p.numel() for p in pipe.inverter.parameters())}
+        if pipe.kept_energy is not None:
+            out["bottleneck_kept_energy"] = round(pipe.kept_energy, 4)
         log("  " + ", ".join(f"{n} {a['token_recovery']:.1f}%" for n, a in attacks.items())
             + f"; accuracy {scores.eval_accuracy:.1f}%")
         doc["rows"].append(out)

@@ -5,7 +5,8 @@ initialisation for every defense, so the only difference between two runs is the
 training, the held-out examples are scored through the same defended pipeline (a deployed silo
 keeps its defense at inference too): completion loss, and topic accuracy from the logits of the
 answer's deciding token (argmax over the five topics' tokens there). A learned defense (privacy
-adapter, shared/model/privacy_adapter.py) trains during the same steps, alternating with its inverter.
+adapter, shared/model/privacy_adapter.py, or a rank-k bottleneck, privacy_bottleneck.py) trains during the
+same steps, alternating with its inverter.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from shared.model.part_loading import build_part, build_silo_parts
 from shared.model.model_split import positions_from_mask
 from shared.model.optim import make_optimizer
 from shared.model.privacy_adapter import (
-    PrivacyAdapter,
     SiloInverter,
     SiloVocabulary,
     adversarial_term,
     defend,
     inverter_step,
+    privacy_module,
     warmup_step,
 )
+from shared.model.privacy_bottleneck import PrivacyBottleneck
 from shared.data.tokenizer import load_tokenizer
 from splitfed.audit.attacks import Defense
 
@@ -73,18 +75,19 @@ class SplitPipeline:
         self.trunk = build_part(model_dir, "trunk", head_layers=cut, tail_layers=1)
         adapter = AdapterConfig()
         params = [apply_adapter(part, adapter, spec.seed) for part in (self.head, self.trunk, self.tail)]
-        self.adapter: PrivacyAdapter | None = None
+        self.adapter: torch.nn.Module | None = None  # the privacy adapter or bottleneck
         self.inverter: SiloInverter | None = None
         self.inverter_losses: list[float] = []  # the silo inverter's loss at each training step
         self.warmup_losses: list[float] = []  # the silo inverter's loss at each warm-up step
         self.task_losses: list[float] = []  # the task loss alone (the step's loss less the adversarial term)
+        self.kept_energy: float | None = None  # a bottleneck's: share of h1's energy its initial subspace keeps
         if defense is not None and defense.adapted:
             if vocabulary is None:
                 raise ValueError("a learned defense needs the silo's vocabulary (its training data's token ids)")
             embeddings = self.head.get_submodule(self.head.facts.embed).weight
             self.vocab = SiloVocabulary(vocabulary, embeddings.shape[0])
             hidden = embeddings.shape[1]
-            self.adapter = PrivacyAdapter(hidden, defense.learned.rank, seed=spec.seed)
+            self.adapter = privacy_module(defense.learned, hidden, seed=spec.seed)  # adapter or bottleneck
             self.inverter = SiloInverter(hidden)
             self.inverter_opt = torch.optim.Adam(self.inverter.parameters(), lr=defense.learned.inverter_lr)
             # its own optimizer: the adapter must move within a few steps, LoRA at its own pace
@@ -111,9 +114,24 @@ class SplitPipeline:
     def logits(self, input_ids, attention_mask, defense: Defense, generator: torch.Generator) -> torch.Tensor:
         return self.from_cut(self.defended(input_ids, attention_mask, defense, generator), attention_mask)
 
+    @torch.no_grad()
+    def init_bottleneck(self, data: SiloDataset, batches: int = 16) -> None:
+        """A bottleneck starts as the projection on the top-k principal directions of h1 over the
+        silo's first ``batches`` training batches (its own data: nothing else is needed)."""
+        hidden, masks = [], []
+        for step in range(batches):
+            batch = data.batch(step)
+            hidden.append(self.head(batch.input_ids, batch.attention_mask, positions_from_mask(batch.attention_mask)))
+            masks.append(batch.attention_mask.bool())
+        real = torch.cat([h[m] for h, m in zip(hidden, masks)])
+        self.kept_energy = self.adapter.init_principal(real.unsqueeze(0), torch.ones(1, len(real), dtype=torch.long))
+
     def warm_up(self, data: SiloDataset, defense: Defense, seed: int) -> None:
-        """The learned defense's head-only warm-up (privacy_adapter.warmup_step) on the training batches."""
+        """The learned defense's head-only warm-up (privacy_adapter.warmup_step) on the training batches
+        (a bottleneck first takes its data's principal directions)."""
         cfg = defense.learned
+        if isinstance(self.adapter, PrivacyBottleneck):
+            self.init_bottleneck(data)
         for step in range(cfg.warmup_steps):
             batch = data.batch(step)
             with torch.no_grad():
