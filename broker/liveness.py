@@ -46,6 +46,8 @@ class PeerLiveness:
             if worker is not None:
                 log.warning("trunk worker %s is alive again: readmitted", worker.worker_id)
                 self.workers[worker.worker_id] = self.purged.pop(worker.worker_id)
+                for rnd, round_ends in self.trunk_rounds.readmitted(worker.worker_id).items():
+                    self._send_round_ends(rnd, round_ends)
         if worker is None:
             return None
         self.worker_seen[worker.worker_id] = time.monotonic()

@@ -43,6 +43,10 @@ class BrokerRecovery:
         """Every silo and worker has a checkpoint of round ``rnd``: recovery restarts from here."""
         if rnd <= self.committed_round:
             return
+        if self.trunk_rounds.blocks_commit(rnd):
+            log.warning("round %d not committed: no trunk worker checkpointed it; recovery restarts from round %d",
+                        rnd, self.committed_round)
+            return
         if rnd == 0 and failpoints.armed("uncommitted-hello"):
             # Test hook: leave round 0 uncommitted until a silo's round-1 session is acknowledged,
             # then stop there (the recovery test kills the broker in exactly this window).
@@ -76,11 +80,10 @@ class BrokerRecovery:
         """ROUND_END to every worker: checkpoint the round, after averaging the trunk adapters of the
         participating silos (hierarchical, unless --personalize). True when there are ROUND_DONEs to wait for."""
         workers = sorted(self._ready_workers())
-        if not workers:
-            return False
-        averaging = self.schedule.averaging_workers(weights, workers)
+        averaging = self.schedule.averaging_workers(weights, workers) if workers else []
+        # no worker now: the round is orphaned (it closes for the silos but never commits)
         self._send_round_ends(rnd, self.trunk_rounds.start(rnd, workers, averaging, weights))
-        return True
+        return bool(workers)
 
     def _send_round_ends(self, rnd: int, round_ends: list[tuple[str, str | None]]) -> None:
         for w, text in round_ends:

@@ -5,6 +5,13 @@ holding participating silos also average their trunk adapters, by relaying seale
 through the broker. A worker that dies in the middle must not stall the round: the survivors are
 sent ROUND_END again, without the dead worker and without the silos whose adapters died with it
 (those silos restart from the average on their new worker).
+
+A round commits only once some worker has checkpointed it. When the last worker that could dies
+first (serial and client-batch have one trunk state, held by one worker), or there is no worker at
+all when the round ends, the round is *orphaned*: the silos' round still closes (nobody waits for a
+dead worker), but it never commits, because no trunk could be restored to it: a restarted worker
+rolls the run back past it. A purged worker that comes back (it was only slow, its state intact) is
+sent ROUND_END for each orphaned round; its ROUND_DONE ends the orphan.
 """
 
 from __future__ import annotations
@@ -23,6 +30,12 @@ class TrunkRound:
     averaging: list[str]  # workers whose partial sums make the average
     weights: dict[str, int]  # silo -> samples, the FedAvg weights
     relayed: set[str] = field(default_factory=set)  # workers whose partial went out to the others
+    done: set[str] = field(default_factory=set)  # workers that checkpointed the round
+
+    @property
+    def orphaned(self) -> bool:
+        """No worker holds the round or will: it cannot commit."""
+        return not self.pending and not self.done
 
 
 class TrunkRounds:
@@ -31,8 +44,11 @@ class TrunkRounds:
 
     def start(self, rnd: int, workers: list[str], averaging: list[str],
               weights: dict[str, int]) -> list[tuple[str, str | None]]:
-        """The ROUND_ENDs to send: (worker, text); text None means checkpoint only."""
+        """The ROUND_ENDs to send: (worker, text); text None means checkpoint only. With no
+        ``workers`` the round is orphaned (see the module's doc)."""
         self.rounds[rnd] = TrunkRound(set(workers), list(averaging), dict(weights))
+        if not workers:
+            log.warning("round %d ended with no trunk worker to checkpoint it: it will not commit", rnd)
         text = RoundEnd(tuple(averaging), dict(weights)).to_text()
         return [(w, text if w in averaging else None) for w in sorted(workers)]
 
@@ -50,6 +66,7 @@ class TrunkRounds:
         if state is None:
             return False
         state.pending.discard(worker)
+        state.done.add(worker)  # an orphan's too: a readmitted worker checkpointed it
         if state.pending:
             return False
         del self.rounds[rnd]
@@ -74,7 +91,26 @@ class TrunkRounds:
                 resend[rnd] = [(w, text) for w in waiting]
                 log.warning("round %d: worker %s died before its trunk partial; averaging again over %s",
                             rnd, worker, ",".join(averaging) or "nobody")
-            if not state.pending:
+            if state.orphaned:  # kept, so the commit can see it; the silos' round closes
+                log.warning("round %d: worker %s died before checkpointing it, and no other worker has: "
+                            "the round will not commit (a restarted worker rolls the run back past it)", rnd, worker)
+                finished.append(rnd)
+            elif not state.pending:
                 del self.rounds[rnd]
                 finished.append(rnd)
         return finished, resend
+
+    def blocks_commit(self, rnd: int) -> bool:
+        """No trunk checkpoint of ``rnd`` exists or will: committing it would leave nothing to restore."""
+        state = self.rounds.get(rnd)
+        return state is not None and state.orphaned
+
+    def readmitted(self, worker: str) -> dict[int, list[tuple[str, str | None]]]:
+        """A purged ``worker`` is alive again, its state intact: it checkpoints the orphaned rounds."""
+        resend = {}
+        for rnd, state in self.rounds.items():
+            if state.orphaned:  # nothing else in it can be pending: one ROUND_END, checkpoint only
+                state.pending.add(worker)
+                state.averaging, state.relayed = [], set()
+                resend[rnd] = [(worker, None)]
+        return resend

@@ -102,3 +102,31 @@ def test_trunk_sync_average_is_the_weighted_mean_of_every_workers_partial():
         average = w0.add(2, "w0", w0.open(2, "w0", sealed["w0"]))
         assert torch.equal(average, expected)
         assert 2 not in w0.partials and 2 not in w0.expected
+
+
+def test_a_round_whose_only_worker_dies_before_checkpointing_it_never_finishes():
+    """Serial and client-batch: one trunk state on one worker. If it dies between the round's last
+    step and its checkpoint, committing the round would leave no trunk to restore to it."""
+    rounds = TrunkRounds()
+    rounds.start(1, ["t0"], [], {"s0": 5})
+    assert rounds.worker_lost("t0", set()) == ([1], {})  # the silos' round closes: nobody waits for the dead
+    assert rounds.blocks_commit(1)  # but it never commits
+    # ...until the same worker turns out to be alive (it was only slow): it checkpoints the round
+    assert rounds.readmitted("t0") == {1: [("t0", None)]}
+    assert rounds.done(1, "t0") is True and not rounds.blocks_commit(1)
+
+
+def test_a_round_ending_with_no_worker_at_all_never_commits():
+    rounds = TrunkRounds()
+    assert rounds.start(2, [], [], {"s0": 5}) == []
+    assert rounds.blocks_commit(2)
+    assert rounds.readmitted("t0") == {2: [("t0", None)]}
+    assert rounds.done(2, "t0") is True
+
+
+def test_a_dead_worker_after_another_checkpointed_the_round_only_stops_being_waited_for():
+    rounds = TrunkRounds()
+    rounds.start(0, ["t0", "t1"], [], {})
+    rounds.done(0, "t0")
+    assert rounds.worker_lost("t1", set()) == ([0], {})
+    assert not rounds.blocks_commit(0) and rounds.readmitted("t1") == {}

@@ -22,6 +22,7 @@ from shared.crypto.handshake import HelloGuard
 from shared.crypto.sealed_codec import SealedCodec
 from shared.crypto.silo_directory import SiloDirectory
 from shared.model.adapters import apply_adapter
+from shared.runtime import failpoints
 from shared.runtime.metrics import RoleMetrics
 from shared.runtime.settings import TrunkSettings
 from shared.runtime.step_timeline import StepTimeline
@@ -251,6 +252,8 @@ class TrunkWorker(TrunkSessions, TrunkRecovery):
             self.steps.bundle(members)
 
     def _close_round(self, rnd: int) -> None:
+        if rnd == 0 and failpoints.armed("round-end-unsaved"):
+            failpoints.stop_here("round-end-unsaved")  # test hook: die with the round applied, not saved
         if self.settings.checkpoint_dir is not None:
             self._save_checkpoint(rnd)
         self._send(Message(Kind.ROUND_DONE, self.settings.run_id, self.settings.worker_id, rnd))

@@ -20,6 +20,8 @@ ENV = "SPLITFED_FAILPOINT"
 POINTS = {
     "uncommitted-hello": ("broker", "the first round is aggregated and checkpointed by some silos but not "
                           "committed, and a silo's HELLO for the next round has been acknowledged by the trunk"),
+    "round-end-unsaved": ("trunk", "the first round's steps are all applied and its ROUND_END has arrived, "
+                          "but the round is not checkpointed yet"),
 }
 
 _ARMED = os.environ.get(ENV, "")

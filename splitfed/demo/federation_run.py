@@ -190,7 +190,7 @@ def launch_servers(fed, cfg: DemoConfig, ports: tuple[int, int], keys_env: dict[
                         "--checkpoint-dir", str(run_dir / "checkpoints"), "--save-dir", str(run_dir / "weights"),
                         "--recompute-forward", str(cfg.recompute_forward).lower(), "--trunk-quant", cfg.trunk_quant,
                         "--burst", "true"],
-                  env=keys_env.get("trunk"), prefix=server)
+                  env={**keys_env.get("trunk", {}), **keys_env.get(wid, {})}, prefix=server)  # every worker's, its own
     return front
 
 

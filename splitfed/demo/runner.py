@@ -154,7 +154,7 @@ def supervise(fed: Federation, cfg: DemoConfig, registry: Registry, faults: Faul
                 except RedisError:
                     pass  # Redis restarting (a fault being injected): the roles retry, so does the status line
             faults.poll()
-            failed = fed.failed()
+            failed = {n: c for n, c in fed.failed().items() if n not in faults.awaiting_restart()}
             if failed:
                 name, code = next(iter(failed.items()))
                 raise RoleFailed(f"{name} exited with code {code}; last lines of its log:\n{fed.tail(name)}")
