@@ -13,7 +13,7 @@ def test_memory_runs_compare_many_silos_with_one_silo_at_equal_steps(tmp_path, r
 
     monkeypatch.setenv("SPLITFED_KEY_PREFIX", redis_prefix)
     monkeypatch.setenv("SPLITFED_CACHE_DIR", str(tmp_path / "cache"))
-    out = hierarchical_memory("tiny", [1, 2], tmp_path, inflight=(1,))
+    out = hierarchical_memory("tiny", [1, 2], tmp_path, inflight=(1,), concurrent=3)
     assert not any(r["recompute_forward"] for r in out["runs"])  # one open step: nothing to recompute
     rows = {(r["silos"], r["steps_per_silo"]): r for r in out["runs"]}
     assert set(rows) == {(1, STEPS_PER_SILO), (2, STEPS_PER_SILO), (1, 2 * STEPS_PER_SILO)}

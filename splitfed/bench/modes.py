@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import click
@@ -102,7 +103,8 @@ def modes_throughput(model: str, silo_counts: list[int], steps: int, batch_size:
     return rows
 
 
-def hierarchical_memory(model: str, silo_counts: list[int], tmp: Path, inflight: tuple[int, ...] = (1, 2)) -> dict:
+def hierarchical_memory(model: str, silo_counts: list[int], tmp: Path, inflight: tuple[int, ...] = (1, 2),
+                        concurrent: int = 1) -> dict:
     """Peak RSS of the one trunk worker serving N silos, each with its own LoRA trunk adapter, for
     each bound on the steps a worker keeps open (each open step holds its activations).
 
@@ -111,25 +113,35 @@ def hierarchical_memory(model: str, silo_counts: list[int], tmp: Path, inflight:
     one silo also runs as many steps as the largest run's silos together: the ratio against that
     run (``vs_one_silo_same_trunk_steps``) is the cost of the silos alone; ``vs_first`` is the
     plain ratio against the first silo count. With more than one open step, the largest run once
-    more with --recompute-forward (each open step holds only its input)."""
+    more with --recompute-forward (each open step holds only its input).
+
+    ``concurrent``: demos run at once. A peak RSS is each worker process's own, so running several
+    side by side changes no figure, only the wall time (the tests use it); one at a time by default,
+    so a person watching sees one run's progress."""
     model_dir = resolve_model_dir(model)
     out = {"model": model, "adapter": "lora", "batch_size": 1, "max_length": 128, "runs": []}
     most = max(silo_counts)
+    plan = []
     for k in inflight:
-        plan = [(n, STEPS_PER_SILO, False) for n in silo_counts]
+        plan += [(n, STEPS_PER_SILO, k, False) for n in silo_counts]
         if most > 1:
-            plan.append((1, STEPS_PER_SILO * most, False))
+            plan.append((1, STEPS_PER_SILO * most, k, False))
         if k > 1:  # several open steps, each holding only its input (--recompute-forward)
-            plan.append((most, STEPS_PER_SILO, True))
-        for n, steps, recompute in plan:
-            click.echo(f"[bench modes] hierarchical memory: {model}, {n} silos x {steps} steps on one trunk worker, "
-                       f"max {k} open steps{', forwards recomputed' if recompute else ''}...", err=True)
-            run = run_demo(["--model", model, "--mode", "hierarchical", "--silos", str(n), "--steps", str(steps),
-                            "--local-steps", str(steps), "--batch-size", "1", "--max-length", "128",
-                            "--max-inflight", str(k), *(["--recompute-forward"] if recompute else [])],
-                           tmp, f"mem-{n}-{steps}-{k}-{int(recompute)}")
-            out["runs"].append({"silos": n, "steps_per_silo": steps, "trunk_steps": n * steps, "max_inflight": k,
-                                "recompute_forward": recompute, "trunk_peak_rss_mb": run["trunk_peak_rss_mb"]})
+            plan.append((most, STEPS_PER_SILO, k, True))
+
+    def run(entry: tuple[int, int, int, bool]) -> dict:
+        n, steps, k, recompute = entry
+        click.echo(f"[bench modes] hierarchical memory: {model}, {n} silos x {steps} steps on one trunk worker, "
+                   f"max {k} open steps{', forwards recomputed' if recompute else ''}...", err=True)
+        done = run_demo(["--model", model, "--mode", "hierarchical", "--silos", str(n), "--steps", str(steps),
+                         "--local-steps", str(steps), "--batch-size", "1", "--max-length", "128",
+                         "--max-inflight", str(k), *(["--recompute-forward"] if recompute else [])],
+                        tmp, f"mem-{n}-{steps}-{k}-{int(recompute)}")
+        return {"silos": n, "steps_per_silo": steps, "trunk_steps": n * steps, "max_inflight": k,
+                "recompute_forward": recompute, "trunk_peak_rss_mb": done["trunk_peak_rss_mb"]}
+
+    with ThreadPoolExecutor(max(1, concurrent)) as pool:
+        out["runs"] = list(pool.map(run, plan))
     plain = [r for r in out["runs"] if not r["recompute_forward"]]
     first = {r["max_inflight"]: r["trunk_peak_rss_mb"] for r in plain
              if r["silos"] == silo_counts[0] and r["steps_per_silo"] == STEPS_PER_SILO}
