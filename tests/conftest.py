@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 
 REDIS_URL = os.environ.get("SPLITFED_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -45,3 +46,12 @@ def registry(redis_prefix):
     from shared.state.registry import Registry
 
     return Registry(REDIS_URL, redis_prefix, "run1")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: a second thread only adds overhead on a shared box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

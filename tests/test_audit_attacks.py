@@ -12,13 +12,7 @@ from splitfed.audit.cut import HeadBlocks
 from splitfed.audit.metrics import token_recovery
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: a second thread only adds sync overhead, and the CI box has 2 shared cores
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

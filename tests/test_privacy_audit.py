@@ -23,12 +23,7 @@ FAST = ["--victims", "4", "--max-tokens", "16", "--shadow", "16", "--learned-ste
 SPEC = FinetuneSpec(steps=2, batch_size=2, max_length=48, eval_examples=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -35,12 +35,7 @@ FAST = ["--victims", "4", "--max-tokens", "16", "--shadow", "16", "--learned-ste
         "--finetune-steps", "2", "--finetune-batch", "2", "--eval-examples", "2", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: a second thread only adds overhead on a shared box
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
